@@ -1,0 +1,28 @@
+# `make demo` and `make test` set everything up on a fresh machine with Python 3.11 and pip.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines get the CPU build of torch (a bare `torch` pulls a multi-GB CUDA build). GPU users install
+# their CUDA torch into .venv first (see README); an importable torch is never replaced.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: demo test bench clean
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python train.py hydra.run.dir=runs/demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

@@ -1,0 +1,146 @@
+"""Typed configs of a training run (Hydra structured configs) and their validation before any compute.
+
+The model and attention configs live beside their modules in `mea.models` (torch alone); the rest is here.
+`register_configs` puts the schemas in Hydra's ConfigStore: `train_schema` types the whole run, and each
+attention variant's config class is `schema/attention/<name>`, which `conf/attention/<name>.yaml` extends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mea.models import REGISTRY, AttentionConfig, ModelConfig, check_shape, variant_class
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line that names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "stdlib"
+    kind: str = "stdlib"  # stdlib | files | hub
+    source: str = "stdlib"  # files: a path, folder or glob; hub: a dataset id such as roneneldan/TinyStories
+    hub_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    sample_by: str = "document"  # .txt files: one document per document | paragraph | line
+    max_documents: int | None = None
+    tokenizer: str = "bpe"  # bpe: train a byte-level BPE here; else a tokenizer.json or a local HF tokenizer folder
+    vocab_size: int = 4096
+    seq_len: int = 256
+    val_share: float = 0.05
+    seed: int = 1234
+    on_bad_utf8: str = "skip"  # skip (and count) | fail
+    shard_tokens: int = 1 << 27
+    cache_dir: str = "${oc.env:MEA_CACHE,'~/.cache/mea'}/data"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    global_batch: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch: int | None = None  # per rank; None = global_batch / world size (no accumulation)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "mea"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    stage: int = 0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    run_dir: str = MISSING
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for name, cls in REGISTRY.items():
+        cs.store(group="schema/attention", name=name, node=cls.Config)
+
+
+CHOICES = {
+    "data.kind": ("stdlib", "files", "hub"),
+    "data.on_bad_utf8": ("skip", "fail"),
+    "data.sample_by": ("document", "paragraph", "line"),
+    "optim.name": ("adamw",),
+    "scheduler.name": ("cosine", "wsd", "constant"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "logger.mode": ("online", "offline", "disabled"),
+}
+
+POSITIVE = ("data.vocab_size", "data.seq_len", "data.shard_tokens", "trainer.max_steps", "trainer.global_batch", "optim.lr")
+
+
+def validate(cfg: DictConfig | Any) -> None:
+    """Raise ConfigError for the first setting that cannot work, before any data or model is touched."""
+    select = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
+    for key, allowed in CHOICES.items():
+        if select(key) not in allowed:
+            raise ConfigError(f"{key}={select(key)!r} is not allowed; choose one of: {', '.join(allowed)}")
+    for key in POSITIVE:
+        if not select(key) > 0:
+            raise ConfigError(f"{key}={select(key)} must be positive")
+    try:
+        variant_class(cfg.attention.name)
+        check_shape(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not 0 < cfg.data.val_share < 1:
+        raise ConfigError(f"data.val_share={cfg.data.val_share} must lie strictly between 0 and 1")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower one or raise the other")
+    if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size < 257:
+        raise ConfigError(f"data.vocab_size={cfg.data.vocab_size} cannot hold the 256 byte tokens and the end-of-document token; use at least 257")
+    if cfg.model.vocab_size is not None and cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < cfg.data.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size}; token ids would fall outside the embedding — set model.vocab_size=null")

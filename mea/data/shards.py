@@ -1,0 +1,201 @@
+"""Token shards: documents tokenised in parallel batches into memory-mapped files with a manifest.
+
+A prepared corpus is a folder under the cache, named by a hash of everything that decides its tokens, holding
+`tokenizer.json`, `{train,val}-NNNNN.bin` and `manifest.json`. It is built in a temporary folder and renamed
+into place only when complete, so a prepare killed half-way leaves nothing that looks valid, and preparing
+the same config again does no work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from mea.config import DataConfig
+
+from .sources import DataError, Documents, load_documents
+from .tokenizer import eod_id, load_tokenizer, train_bpe
+
+FORMAT = 1
+ENCODE_BATCH = 512
+TOKENIZER_TRAIN_CHARS = 200_000_000  # a BPE learns its merges from at most this much text
+# seq_len is a property of the loader, not of the tokens, so every sequence length shares one prepared corpus.
+NOT_IN_KEY = ("name", "seq_len", "cache_dir")
+
+
+@dataclass
+class PreparedCorpus:
+    path: Path
+    manifest: dict
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def eod_id(self) -> int:
+        return self.manifest["tokenizer"]["eod_id"]
+
+    def shards(self, split: str) -> list[np.ndarray]:
+        """Memory maps of one split's shards, each checked against the manifest's size and checksum."""
+        dtype = np.dtype(self.manifest["dtype"])
+        maps = []
+        for shard in self.manifest["shards"]:
+            if shard["split"] != split:
+                continue
+            file = self.path / shard["file"]
+            if not file.is_file() or file.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise DataError(f"shard {file} is missing or truncated; delete {self.path} and prepare again")
+            if sha256(file) != shard["sha256"]:
+                raise DataError(f"shard {file} does not match its checksum (altered or corrupt); delete {self.path} and prepare again")
+            maps.append(np.memmap(file, dtype=dtype, mode="r"))
+        return maps
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_key(cfg: DataConfig, docs: Documents) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    if cfg.tokenizer != "bpe":
+        settings["tokenizer_sha256"] = sha256(Path(cfg.tokenizer).expanduser() / "tokenizer.json" if Path(cfg.tokenizer).is_dir() else Path(cfg.tokenizer))
+    blob = json.dumps({"format": FORMAT, "settings": settings, "inputs": docs.fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ShardWriter:
+    """Appends token ids of one split to files of at most shard_tokens tokens each."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+        self.documents = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            chunk, ids = ids[:room], ids[room:]
+            chunk.astype(self.dtype, copy=False).tofile(self.file)
+            self.shards[-1]["tokens"] += len(chunk)
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.file = open(self.folder / name, "wb")
+        self.shards.append({"split": self.split, "file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def finish(self) -> list[dict]:
+        self.close()
+        for shard in self.shards:
+            shard["sha256"] = sha256(self.folder / shard["file"])
+        return self.shards
+
+
+def batched(texts, size: int):
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def limited_texts(docs: Documents, max_chars: int):
+    seen = 0
+    for text in docs.texts():
+        if seen >= max_chars:
+            return
+        seen += len(text)
+        yield text
+
+
+def build(cfg: DataConfig, docs: Documents, folder: Path, log=print) -> dict:
+    if cfg.tokenizer == "bpe":
+        log(f"training a byte-level BPE of {cfg.vocab_size} tokens on {cfg.source}")
+        tok = train_bpe(limited_texts(docs, TOKENIZER_TRAIN_CHARS), cfg.vocab_size)
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    tok.save(str(folder / "tokenizer.json"))
+    vocab_size, eod = tok.get_vocab_size(with_added_tokens=True), eod_id(tok)
+    dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    writers = {split: ShardWriter(folder, split, dtype, cfg.shard_tokens) for split in ("train", "val")}
+    in_val = np.random.default_rng(cfg.seed)  # one draw per document, in corpus order: a fixed split by document
+    max_id = 0
+    log(f"tokenising {cfg.source} into {folder}")
+    for texts in batched(docs.texts(), ENCODE_BATCH):
+        docs_ids = [np.array(e.ids + [eod], dtype=np.int64) for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+        to_val = in_val.random(len(docs_ids)) < cfg.val_share
+        for split, chosen in (("train", ~to_val), ("val", to_val)):
+            picked = [ids for ids, take in zip(docs_ids, chosen) if take]
+            if picked:
+                ids = np.concatenate(picked)
+                writers[split].write(ids)
+                writers[split].documents += len(picked)
+                max_id = max(max_id, int(ids.max()))
+    for split, writer in writers.items():
+        if writer.documents == 0:
+            what = "the corpus is empty" if split == "train" else "no document fell in the validation split"
+            raise DataError(f"{what} ({cfg.source}, {writers['train'].documents} documents); add documents or raise data.val_share")
+    shards = writers["train"].finish() + writers["val"].finish()
+    return {
+        "format": FORMAT,
+        "source": {"kind": cfg.kind, "source": cfg.source, "hub_config": cfg.hub_config, "split": cfg.split},
+        "config": asdict(cfg),
+        "tokenizer": {"file": "tokenizer.json", "sha256": sha256(folder / "tokenizer.json"), "vocab_size": vocab_size, "eod_id": eod},
+        "dtype": dtype.name,
+        "max_token_id": max_id,
+        "documents": {split: w.documents for split, w in writers.items()} | {"skipped_bad_utf8": len(docs.skipped_bad_utf8)},
+        "skipped_files": docs.skipped_bad_utf8,
+        "tokens": {split: sum(s["tokens"] for s in w.shards) for split, w in writers.items()},
+        "shards": shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare(cfg: DataConfig, log=print) -> PreparedCorpus:
+    """The prepared corpus for this data config: from the cache if it is there, else built now."""
+    cache = Path(os.path.expanduser(cfg.cache_dir))
+    docs = load_documents(cfg, str(cache / "hf"))
+    final = cache / f"{cfg.name}-{cache_key(cfg, docs)}"
+    manifest_file = final / "manifest.json"
+    if manifest_file.is_file():
+        return PreparedCorpus(final, json.loads(manifest_file.read_text()))
+    tmp = cache / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = build(cfg, docs, tmp, log)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same corpus first; theirs is as good as ours
+            if not manifest_file.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if docs.skipped_bad_utf8:
+        log(f"skipped {len(docs.skipped_bad_utf8)} files that are not UTF-8 (listed in {manifest_file})")
+    return PreparedCorpus(final, json.loads(manifest_file.read_text()))

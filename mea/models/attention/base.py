@@ -1,0 +1,165 @@
+"""What every attention variant shares: the registry, the head shape, rotary embeddings,
+the per-head norm, the KV cache and causal attention over it.
+
+Shape suffixes in names: B batch, T new tokens, S keys (cached + new), H query heads,
+G stored key/value heads, D head width, C model width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionConfig:
+    """Base of every variant's config; `name` picks the variant from the registry."""
+
+    name: str = "mha"
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in REGISTRY:
+            raise ValueError(f"attention variant {name!r} is registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def variant_class(name: str) -> type[nn.Module]:
+    if name not in REGISTRY:
+        raise ValueError(f"attention.name={name!r} is not a known variant; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def build_attention(cfg: AttentionConfig, shape: HeadShape, layer_idx: int) -> nn.Module:
+    return variant_class(cfg.name)(cfg, shape, layer_idx)
+
+
+class Rotary:
+    """RoPE (rotate-half form) for the positions of one forward call, at whatever head width it meets.
+
+    Every head is rotated the same way, so RoPE commutes with any linear mixing across heads.
+    """
+
+    def __init__(self, positions: torch.Tensor, theta: float):
+        self.positions = positions
+        self.theta = theta
+        self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _table(self, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (width, dtype)
+        if key not in self._tables:
+            inv_freq = self.theta ** -(torch.arange(0, width, 2, device=self.positions.device, dtype=torch.float32) / width)
+            angles = self.positions.float()[:, None] * inv_freq[None, :]
+            self._tables[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+        return self._tables[key]
+
+    def __call__(self, x_BhTd: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._table(x_BhTd.shape[-1], x_BhTd.dtype)
+        x1, x2 = x_BhTd.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class HeadNorm(nn.Module):
+    """Normalises each head's output vector on its own, with a learned scale per head and channel.
+
+    center=True is GroupNorm with one group per head (mean and variance); center=False is RMSNorm per head.
+    """
+
+    def __init__(self, n_heads: int, head_dim: int, center: bool, eps: float = 1e-5):
+        super().__init__()
+        self.center = center
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))
+
+    def forward(self, o_BHTD: torch.Tensor) -> torch.Tensor:
+        x = o_BHTD.float()
+        if self.center:
+            x = x - x.mean(dim=-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return x.to(o_BHTD.dtype) * self.weight
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, grown in place up to max_len positions."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k_BhTd.shape[2]
+        if self.k is None:
+            B, h, _, d = k_BhTd.shape
+            self.k = k_BhTd.new_empty(B, h, self.max_len, d)
+            self.v = v_BhTd.new_empty(B, v_BhTd.shape[1], self.max_len, v_BhTd.shape[3])
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache is full: {self.length} + {T} tokens > max_len={self.max_len}; create the cache with a larger max_len")
+        self.k[:, :, self.length : self.length + T] = k_BhTd
+        self.v[:, :, self.length : self.length + T] = v_BhTd
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the filled part of the cache."""
+        if self.k is None:
+            return 0
+        per_position = (self.k[:, :, :1].numel() + self.v[:, :, :1].numel()) * self.k.element_size()
+        return per_position * self.length
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T, S) mask for T new queries that sit at the end of S keys."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+def causal_attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSE: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Fused scaled-dot-product attention where the T queries are the last T of the S positions.
+
+    Query head h reads key/value head h // (H / G) (grouped-query attention when G < H).
+    """
+    T, S = q_BHTD.shape[2], k_BGSD.shape[2]
+    gqa = q_BHTD.shape[1] != k_BGSD.shape[1]
+    if T == S:
+        return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSE, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = None if T == 1 else causal_mask(T, S, q_BHTD.device)
+    return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSE, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def split_heads(x_BTX: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, T, _ = x_BTX.shape
+    return x_BTX.view(B, T, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(o_BHTD: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = o_BHTD.shape
+    return o_BHTD.transpose(1, 2).reshape(B, T, H * D)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

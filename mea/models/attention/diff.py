@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, merge_heads, register
+from .mha import MultiHeadAttention
+
+
+@dataclass
+class DiffConfig(AttentionConfig):
+    name: str = "diff"
+    norm: bool = True
+    lambda_init_std: float = 0.1
+
+
+@register("diff")
+class DifferentialAttention(MultiHeadAttention):
+    """Differential attention (Ye et al. 2024, arXiv 2410.05258), the paper's "+DFA".
+
+    Each head splits its query and key into halves q¹, q², k¹, k² of width D/2 and weights V (width D) by the
+    difference of two softmax maps:
+
+        o_h = (softmax(q¹_h k¹ᵀ / √(D/2)) − λ · softmax(q²_h k²ᵀ / √(D/2))) v_h
+        λ   = exp(λq1·λk1) − exp(λq2·λk2) + λ_init,     λ_init = 0.8 − 0.6·exp(−0.3·(l − 1)),  l = 1 … L
+        y   = W_O [(1 − λ_init) · RMSNorm_h(o_h)]        (norm=false drops the RMSNorm and the scale)
+
+    Choices: H heads of width D like `mha` (halves of q and k rather than the published model's H/2 heads of
+    width 2D), so the parameter count and the KV cache equal `mha`'s; one λ per layer, as in the official code;
+    the RMSNorm's scale is learned per head and channel. Each map goes through the fused kernel separately.
+    """
+
+    Config = DiffConfig
+
+    def __init__(self, cfg: DiffConfig, shape: HeadShape, layer_idx: int):
+        super().__init__(cfg, shape, layer_idx)
+        if shape.head_dim % 4:
+            raise ValueError(f"attention=diff needs a head width divisible by 4 (halves rotated by RoPE); got model.dim/model.n_heads={shape.head_dim}")
+        half = shape.head_dim // 2
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(half) * cfg.lambda_init_std) for _ in range(4)
+        )
+        if cfg.norm:
+            self.head_norm = HeadNorm(shape.n_heads, shape.head_dim, center=False)
+        self.out_scale = 1.0 - self.lambda_init if cfg.norm else 1.0
+
+    def lambda_(self) -> torch.Tensor:
+        return (
+            torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
+            - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2))
+            + self.lambda_init
+        )
+
+    def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.project(x_BTC)
+        q1, q2 = (rope(h) for h in q.chunk(2, dim=-1))
+        k = torch.cat([rope(h) for h in k.chunk(2, dim=-1)], dim=-1)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        k1, k2 = k.chunk(2, dim=-1)
+        scale = default_scale(self.shape.head_dim // 2)
+        o = causal_attention(q1, k1, v, scale) - self.lambda_() * causal_attention(q2, k2, v, scale)
+        return self.wo(merge_heads(self.head_norm(o) * self.out_scale))

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, merge_heads, register
+from .mha import MultiHeadAttention
+
+HLC_INITS = ("identity", "identity_noise", "random")
+
+
+@dataclass
+class MEAConfig(AttentionConfig):
+    name: str = "mea"
+    mix_keys: bool = True
+    mix_values: bool = True
+    norm: bool = True
+    hlc_init: str = "identity_noise"
+    hlc_init_std: float = 0.02
+    fold_hlc: bool = True
+
+
+def grouped_identity(G: int, H: int) -> torch.Tensor:
+    """The G×H composition that copies stored head g to its H/G query heads: identity at G = H, GQA below."""
+    return (torch.arange(H)[None, :] * G // H == torch.arange(G)[:, None]).float()
+
+
+@register("mea")
+class ExplicitAttention(MultiHeadAttention):
+    """Multi-head Explicit Attention (Peng et al. 2026, arXiv 2601.19611): HLC + head-level GroupNorm.
+
+    G stored key/value heads K⁰ = X W_K⁰, V⁰ = X W_V⁰ are recombined into H heads by Head-level Linear
+    Composition, learned G×H matrices C_K and C_V:
+
+        k_h = Σ_g C_K[g, h] k⁰_g,   v_h = Σ_g C_V[g, h] v⁰_g
+        o_h = softmax(q_h k_hᵀ / √D + causal) v_h,    y = W_O [GN(o_1) … GN(o_H)]
+
+    G = H is the paper's MEA; G < H gives "virtual heads" and a KV cache of G heads.
+    HLC is linear across heads and RoPE rotates all heads alike, so training folds it into the projection,
+    W_K = W_K⁰ C_K (one matmul, the fused kernel, the cost of `mha`); fold_hlc=false mixes (B, H, T, D)
+    tensors instead, for reference. With G < H the cache keeps the stored heads and decoding absorbs C_K into
+    the queries and applies C_V after the attention, never building H heads per cached token.
+    Choices: identity_noise init (identity plus N(0, hlc_init_std)); the norm is GroupNorm with one group per
+    head, as `mha_gn`; a side with mixing off keeps the fixed identity (GQA when G < H).
+    """
+
+    Config = MEAConfig
+
+    def __init__(self, cfg: MEAConfig, shape: HeadShape, layer_idx: int):
+        super().__init__(cfg, shape, layer_idx)
+        if cfg.hlc_init not in HLC_INITS:
+            raise ValueError(f"attention.hlc_init={cfg.hlc_init!r} is unknown; choose one of: {', '.join(HLC_INITS)}")
+        self.fold_hlc = cfg.fold_hlc
+        G, H = shape.n_kv_heads, shape.n_heads
+        for side, learned in (("hlc_k", cfg.mix_keys), ("hlc_v", cfg.mix_values)):
+            init = grouped_identity(G, H)
+            if learned and cfg.hlc_init == "identity_noise":
+                init = init + torch.randn(G, H) * cfg.hlc_init_std
+            elif learned and cfg.hlc_init == "random":
+                init = torch.randn(G, H) / G**0.5
+            if learned:
+                self.register_parameter(side, nn.Parameter(init))
+            else:
+                self.register_buffer(side, init)
+        if cfg.norm:
+            self.head_norm = HeadNorm(H, shape.head_dim, center=True)
+
+    def stored_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H, G, D = self.shape.n_heads, self.shape.n_kv_heads, self.shape.head_dim
+        return self.wqkv.weight.split([H * D, G * D, G * D], dim=0)
+
+    def project(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v with H heads each, HLC applied."""
+        if not self.fold_hlc:
+            q, k0, v0 = super().project(x_BTC)
+            return q, compose(k0, self.hlc_k), compose(v0, self.hlc_v)
+        w_q, w_k0, w_v0 = self.stored_weights()
+        w_qkv = torch.cat([w_q, fold(w_k0, self.hlc_k), fold(w_v0, self.hlc_v)], dim=0)
+        return self.split_qkv(F.linear(x_BTC, w_qkv))
+
+    def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None or self.shape.n_kv_heads == self.shape.n_heads:
+            return super().forward(x_BTC, rope, cache)
+        q, k0, v0 = self.split_qkv(self.wqkv(x_BTC))
+        k0, v0 = cache.update(rope(k0), v0)
+        return self.wo(merge_heads(self.head_norm(self.absorbed_attention(rope(q), k0, v0))))
+
+    def absorbed_attention(self, q_BHTD: torch.Tensor, k0_BGSD: torch.Tensor, v0_BGSD: torch.Tensor) -> torch.Tensor:
+        """Attention of H queries over G stored heads, side by side as one shared head of width G·D.
+
+        q_h · k_h = Σ_g (C_K[g, h] q_h) · k⁰_g   and   A_h v_h = Σ_g C_V[g, h] (A_h v⁰_g).
+        """
+        B, H, T, D = q_BHTD.shape
+        G, S = k0_BGSD.shape[1], k0_BGSD.shape[2]
+        q_BHTX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, H, T, G * D)
+        k_B1SX = k0_BGSD.transpose(1, 2).reshape(B, 1, S, G * D)
+        v_B1SX = v0_BGSD.transpose(1, 2).reshape(B, 1, S, G * D)
+        o_BHTGD = causal_attention(q_BHTX, k_B1SX, v_B1SX, scale=default_scale(D)).view(B, H, T, G, D)
+        return torch.einsum("bhtgd,gh->bhtd", o_BHTGD, self.hlc_v)
+
+
+def fold(w_stored_XC: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
+    """Projection weight of the H composed heads from that of the G stored heads: W_h = Σ_g C[g, h] W⁰_g."""
+    G, H = hlc_GH.shape
+    w_GDC = w_stored_XC.view(G, -1, w_stored_XC.shape[-1])
+    return torch.einsum("gdc,gh->hdc", w_GDC, hlc_GH).reshape(-1, w_stored_XC.shape[-1])
+
+
+def compose(x_BGTD: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bgtd,gh->bhtd", x_BGTD, hlc_GH)

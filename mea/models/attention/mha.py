@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_attention, merge_heads, register, split_heads
+
+
+@dataclass
+class MHAConfig(AttentionConfig):
+    name: str = "mha"
+
+
+@register("mha")
+class MultiHeadAttention(nn.Module):
+    """Standard multi-head attention (Vaswani et al. 2017), with G <= H key/value heads (GQA/MQA).
+
+        o_h = softmax(q_h k_{g(h)}ᵀ / √D + causal) v_{g(h)},   g(h) = ⌊h·G/H⌋,   y = W_O [o_1 … o_H]
+
+    Q, K and V come from one fused projection; RoPE rotates q and k.
+    """
+
+    Config = MHAConfig
+
+    def __init__(self, cfg: AttentionConfig, shape: HeadShape, layer_idx: int):
+        super().__init__()
+        self.shape = shape
+        H, G, D = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        self.wqkv = nn.Linear(shape.dim, (H + 2 * G) * D, bias=False)
+        self.wo = nn.Linear(H * D, shape.dim, bias=False)
+        self.head_norm: nn.Module = nn.Identity()
+
+    def project(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.split_qkv(self.wqkv(x_BTC))
+
+    def split_qkv(self, qkv_BTX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H, D = self.shape.n_heads, self.shape.head_dim
+        kv_heads = (qkv_BTX.shape[-1] // D - H) // 2
+        q, k, v = qkv_BTX.split([H * D, kv_heads * D, kv_heads * D], dim=-1)
+        return split_heads(q, H), split_heads(k, kv_heads), split_heads(v, kv_heads)
+
+    def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.project(x_BTC)
+        q, k = rope(q), rope(k)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        o = causal_attention(q, k, v)
+        return self.wo(merge_heads(self.head_norm(o)))

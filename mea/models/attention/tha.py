@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, merge_heads, register
+from .mha import MultiHeadAttention
+
+
+@dataclass
+class TalkingHeadsConfig(AttentionConfig):
+    name: str = "tha"
+
+
+@register("tha")
+class TalkingHeadsAttention(MultiHeadAttention):
+    """Talking-Heads attention (Shazeer et al. 2020, arXiv 2003.02436).
+
+        L_h  = q_h k_hᵀ / √D                       logits of each head
+        L′_j = Σ_h P_l[h, j] · L_h                  heads talk before the softmax
+        W_j  = Σ_i P_w[i, j] · softmax(L′_i + causal)   and after it
+        o_j  = W_j v_j,     y = W_O [o_1 … o_H]
+
+    P_l and P_w are learned H×H matrices initialised to the identity, where THA is exactly `mha`. The mixing
+    needs every head's T×S map at once, so this variant cannot use the fused attention kernel.
+    """
+
+    Config = TalkingHeadsConfig
+
+    def __init__(self, cfg: TalkingHeadsConfig, shape: HeadShape, layer_idx: int):
+        super().__init__(cfg, shape, layer_idx)
+        self.mix_logits = nn.Parameter(torch.eye(shape.n_heads))
+        self.mix_weights = nn.Parameter(torch.eye(shape.n_heads))
+
+    def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.project(x_BTC)
+        q, k = rope(q), rope(k)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        group = self.shape.n_heads // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        logits_BHTS = (q @ k.transpose(-2, -1)) * default_scale(self.shape.head_dim)
+        logits_BHTS = torch.einsum("bhts,hj->bjts", logits_BHTS, self.mix_logits)
+        T, S = logits_BHTS.shape[-2:]
+        logits_BHTS = logits_BHTS.masked_fill(~causal_mask(T, S, x_BTC.device), float("-inf"))
+        weights_BHTS = torch.einsum("bhts,hj->bjts", logits_BHTS.softmax(dim=-1), self.mix_weights)
+        return self.wo(merge_heads(weights_BHTS @ v))

@@ -1,0 +1,170 @@
+"""A Llama-style decoder-only language model whose attention comes from the registry.
+
+Pre-norm RMSNorm blocks, RoPE, a SwiGLU MLP, no biases, optionally tied embeddings. The model never names
+an attention variant: `build_attention` turns the attention config into a module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionConfig, HeadShape, KVCache, Rotary, build_attention
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # stored key/value heads; None = n_heads
+    vocab_size: int | None = None  # None = the tokenizer's vocabulary
+    ffn_multiple_of: int = 64
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: 8/3 of the model width (as many parameters as a 4x GELU MLP), rounded up."""
+        m = self.ffn_multiple_of
+        return m * math.ceil(8 * self.dim / 3 / m)
+
+
+def check_shape(cfg: ModelConfig) -> None:
+    """Raise a one-line ValueError for head counts that do not fit the width."""
+    if cfg.dim % cfg.n_heads:
+        raise ValueError(f"model.n_heads={cfg.n_heads} does not divide model.dim={cfg.dim}; choose n_heads among the divisors of dim")
+    if (cfg.dim // cfg.n_heads) % 2:
+        raise ValueError(f"model.dim/model.n_heads={cfg.dim // cfg.n_heads} is odd; RoPE needs an even head width")
+    if cfg.n_kv_heads is not None and (cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads):
+        allowed = [g for g in range(1, cfg.n_heads + 1) if cfg.n_heads % g == 0]
+        raise ValueError(f"model.n_kv_heads={cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}; allowed: {allowed} or null")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """y = W_2 (silu(W_1 x) ⊙ W_3 x), with W_1 and W_3 as one fused projection."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = build_attention(attention, HeadShape(cfg.dim, cfg.n_heads, cfg.kv_heads), layer_idx)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
+        super().__init__()
+        check_shape(cfg)
+        if not cfg.vocab_size:
+            raise ValueError("model.vocab_size is not set; it comes from the tokenizer, or set it explicitly")
+        self.cfg = cfg
+        self.attention_cfg = attention
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, attention, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Linear and embedding weights ~ N(0, σ); output projections of residual branches σ/√(2L) (GPT-2)."""
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual_out = name.endswith(("attention.wo", "mlp.w2"))
+                std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers) if residual_out else self.cfg.init_std
+                nn.init.normal_(module.weight, 0.0, std)
+
+    def forward(self, idx_BT: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for tokens idx_BT; with caches, idx_BT continues the cached positions."""
+        start = caches[0].length if caches else 0
+        T = idx_BT.shape[1]
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        rope = Rotary(torch.arange(start, start + T, device=idx_BT.device), self.cfg.rope_theta)
+        x = self.embed(idx_BT)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, caches[i] if caches else None)
+        return self.head(self.norm(x))
+
+    def loss(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        logits = self(idx_BT)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.flatten())
+
+    def new_caches(self, max_len: int | None = None) -> list[KVCache]:
+        return [KVCache(max_len or self.cfg.max_seq_len) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx_BT: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample max_new_tokens after the prompt with a KV cache; temperature 0 is greedy."""
+        caches = self.new_caches(idx_BT.shape[1] + max_new_tokens)
+        logits = self(idx_BT, caches)[:, -1]
+        out = [idx_BT]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+            out.append(nxt)
+            logits = self(nxt, caches)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and non-embedding parameters (the latter leaves out the token embedding and an untied head)."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.embed.weight.numel() + (0 if self.cfg.tie_embeddings else self.head.weight.numel())
+        return {"total": total, "non_embedding": total - embedding}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM's formula: 6N + 12·L·H·D·T (N non-embedding parameters)."""
+        cfg = self.cfg
+        return 6 * self.parameter_counts()["non_embedding"] + 12 * cfg.n_layers * cfg.dim * seq_len

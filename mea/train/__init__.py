@@ -1,0 +1,4 @@
+"""Training: the loop, the optimizer and schedules, metrics."""
+from .loop import run
+
+__all__ = ["run"]
