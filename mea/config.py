@@ -133,6 +133,7 @@ def validate(cfg: DictConfig | Any) -> None:
             raise ConfigError(f"{key}={select(key)} must be positive")
     try:
         variant_class(cfg.attention.name)
+        OmegaConf.to_object(cfg.attention)  # the variant's own checks
         check_shape(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None

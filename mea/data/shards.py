@@ -133,6 +133,8 @@ def limited_texts(docs: Documents, max_chars: int):
 
 
 def build(cfg: DataConfig, docs: Documents, folder: Path, log=print) -> dict:
+    if next(docs.texts(), None) is None:
+        raise DataError(f"the corpus is empty: data.source={cfg.source!r} holds no text; point it at files with text in them")
     if cfg.tokenizer == "bpe":
         log(f"training a byte-level BPE of {cfg.vocab_size} tokens on {cfg.source}")
         tok = train_bpe(limited_texts(docs, TOKENIZER_TRAIN_CHARS), cfg.vocab_size)
@@ -157,8 +159,7 @@ def build(cfg: DataConfig, docs: Documents, folder: Path, log=print) -> dict:
                 max_id = max(max_id, int(ids.max()))
     for split, writer in writers.items():
         if writer.documents == 0:
-            what = "the corpus is empty" if split == "train" else "no document fell in the validation split"
-            raise DataError(f"{what} ({cfg.source}, {writers['train'].documents} documents); add documents or raise data.val_share")
+            raise DataError(f"no document fell in the {split} split ({writers['train'].documents + writers['val'].documents} documents); add documents or change data.val_share")
     shards = writers["train"].finish() + writers["val"].finish()
     return {
         "format": FORMAT,

@@ -30,8 +30,10 @@ class Documents:
     skipped_bad_utf8: list[str] = field(default_factory=list)
 
     def texts(self) -> Iterator[str]:
+        """Every non-empty document."""
         for row in self.dataset:
-            yield row["text"]
+            if row["text"]:
+                yield row["text"]
 
 
 def stdlib_files() -> list[Path]:

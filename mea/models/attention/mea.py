@@ -22,6 +22,10 @@ class MEAConfig(AttentionConfig):
     hlc_init_std: float = 0.02
     fold_hlc: bool = True
 
+    def __post_init__(self):
+        if self.hlc_init not in HLC_INITS:
+            raise ValueError(f"attention.hlc_init={self.hlc_init!r} is not allowed; choose one of: {', '.join(HLC_INITS)}")
+
 
 def grouped_identity(G: int, H: int) -> torch.Tensor:
     """The G×H composition that copies stored head g to its H/G query heads: identity at G = H, GQA below."""
@@ -51,8 +55,6 @@ class ExplicitAttention(MultiHeadAttention):
 
     def __init__(self, cfg: MEAConfig, shape: HeadShape, layer_idx: int):
         super().__init__(cfg, shape, layer_idx)
-        if cfg.hlc_init not in HLC_INITS:
-            raise ValueError(f"attention.hlc_init={cfg.hlc_init!r} is unknown; choose one of: {', '.join(HLC_INITS)}")
         self.fold_hlc = cfg.fold_hlc
         G, H = shape.n_kv_heads, shape.n_heads
         for side, learned in (("hlc_k", cfg.mix_keys), ("hlc_v", cfg.mix_values)):

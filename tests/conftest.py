@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mea.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+register_configs()
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """One prepared-data cache for the whole session (subprocesses inherit it through MEA_CACHE)."""
+    path = tmp_path_factory.mktemp("mea-cache")
+    os.environ["MEA_CACHE"] = str(path)
+    os.environ["WANDB_SILENT"] = "true"
+    return path
+
+
+@pytest.fixture
+def shakespeare() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is not there (the shared corpora sit beside the checkout)")
+    return SHAKESPEARE
+
+
+def compose_config(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
+
+
+# A run small enough for seconds on 2 cores that still learns something on real text.
+QUICK = ("logger.mode=disabled", "data.seq_len=64", "trainer.global_batch=8", "trainer.log_every=5", "trainer.eval_batches=2", "trainer.sample_tokens=8")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})

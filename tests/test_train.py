@@ -1,0 +1,60 @@
+"""The Hydra app end to end: real text, real tokenizer, every variant learns; bad settings stop before compute."""
+import json
+
+import pytest
+
+from mea.models import REGISTRY
+from mea.train import run
+
+from .conftest import QUICK, compose_config, run_cli
+
+
+def test_train_cli_writes_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train.py", "model=tiny", "attention=mea", "trainer.max_steps=30", f"hydra.run.dir={run_dir}", *QUICK, "trainer.eval_every=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert all({"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+    assert rows[-1]["tokens"] == 30 * 8 * 64
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_loss"] == rows[-1]["val_loss"] and summary["final_train_loss"] == rows[-1]["loss"]
+    assert summary["variant"] == "mea" and summary["non_embedding_params"] < summary["params"]
+    assert "attention:\n  name: mea" in (run_dir / "config.yaml").read_text()
+    for line in ("parameters (", "non-embedding", "final train loss", f"run directory: {run_dir}", "sample: "):
+        assert line in proc.stdout
+
+
+@pytest.mark.parametrize("variant", sorted(REGISTRY))
+def test_every_variant_learns_real_text(variant, tmp_path, shakespeare):
+    cfg = compose_config(tmp_path, f"attention={variant}", "data=tinyshakespeare", f"data.source={shakespeare}", "trainer.max_steps=40", "optim.lr=3e-3", "trainer.eval_every=40", *QUICK)
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, [r["loss"] for r in rows]
+    assert rows[-1]["val_loss"] < 6.5  # ln(2048) = 7.62 is a uniform guess
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("attention=nope", "Could not find 'attention/nope'"),
+        ("attention.name=nope", "attention.name='nope' is not a known variant; choose one of: diff, mea, mha, mha_gn, tha"),
+        ("model=huge", "Could not find 'model/huge'"),
+        ("model.n_heads=3", "model.n_heads=3 does not divide model.dim=128"),
+        ("model.n_kv_heads=3", "model.n_kv_heads=3 does not divide model.n_heads=4; allowed: [1, 2, 4] or null"),
+        ("attention.hlc_init=zeros", "attention.hlc_init='zeros' is not allowed; choose one of: identity, identity_noise, random"),
+        ("scheduler.name=linear", "scheduler.name='linear' is not allowed; choose one of: cosine, wsd, constant"),
+        ("trainer.global_batch=10", "trainer.global_batch=10 is not a multiple of trainer.micro_batch=4"),
+        ("data.vocab_size=200", "data.vocab_size=200 cannot hold the 256 byte tokens"),
+    ],
+)
+def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = ["trainer.micro_batch=4"] if "global_batch" in override else []
+    proc = run_cli("train.py", override, *extra, f"hydra.run.dir={run_dir}", "logger.mode=disabled")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    if not message.startswith("Could not find"):  # Hydra's own message for an unknown option lists the options
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists() and not any(tmp_path.glob("**/manifest.json"))
