@@ -95,11 +95,9 @@ class HeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))
 
     def forward(self, o_BHTD: torch.Tensor) -> torch.Tensor:
-        x = o_BHTD.float()
-        if self.center:
-            x = x - x.mean(dim=-1, keepdim=True)
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return x.to(o_BHTD.dtype) * self.weight
+        width = (o_BHTD.shape[-1],)
+        normed = F.layer_norm(o_BHTD, width, eps=self.eps) if self.center else F.rms_norm(o_BHTD, width, eps=self.eps)
+        return normed * self.weight
 
 
 class KVCache:
