@@ -1,0 +1,119 @@
+"""Training-step throughput of every attention variant as a ratio to `mha`, measured side by side in one run.
+
+    python bench/train_step.py                      # CPU preset: 4 layers, width 256, 8 heads, T 256, batch 8, fp32
+    python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
+
+Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike; each figure
+is the median over rounds. Imports torch and mea.models only, so it runs on a bare GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
+from mea.models.attention.mea import MEAConfig  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=256, batch=8, rounds=7, steps=3),
+    "cuda": dict(dim=1024, n_layers=12, n_heads=16, vocab=32768, seq_len=2048, batch=8, rounds=5, steps=10),
+}
+
+
+def arms() -> dict[str, object]:
+    arms = {name: cls.Config() for name, cls in REGISTRY.items()}
+    arms["mea (einsum HLC)"] = MEAConfig(fold_hlc=False)
+    return dict(sorted(arms.items(), key=lambda kv: (kv[0] != "mha", kv[0])))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 50 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", choices=list(PRESETS), help="model and batch size (default: the device's)")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    p = PRESETS[args.preset or args.device]
+    rounds = args.rounds or p["rounds"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+
+    models, steps = {}, {}
+    for name, attention in arms().items():
+        model = LM(ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"]), attention).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        forward = torch.compile(model) if args.compile else model
+        models[name] = (model, opt, forward)
+    x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), device=device)
+
+    def step(name: str) -> None:
+        model, opt, forward = models[name]
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            logits = forward(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    peak_memory = {}
+    for name in models:  # warm-up (and compilation)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            step(name)
+        sync(device)
+        if device.type == "cuda":
+            peak_memory[name] = torch.cuda.max_memory_allocated() / 2**30
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name in models:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(p["steps"]):
+                step(name)
+            sync(device)
+            times[name].append((time.perf_counter() - start) / p["steps"])
+
+    peak = matmul_peak(device, dtype)
+    tokens = p["batch"] * p["seq_len"]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {where} · torch {torch.__version__} · {dtype} · compile={args.compile}")
+    print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
+    print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
+    base = statistics.median(times["mha"])
+    print(f"{'variant':<18} {'tokens/s':>10} {'vs mha':>7} {'MFU':>6}" + (f" {'peak GiB':>9}" if peak_memory else ""))
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        flops = models[name][0].flops_per_token(p["seq_len"]) * tokens
+        mem = f" {peak_memory[name]:9.2f}" if peak_memory else ""
+        print(f"{name:<18} {tokens / t:10,.0f} {base / t:7.3f} {flops / t / peak:6.1%}{mem}")
+
+
+if __name__ == "__main__":
+    main()
