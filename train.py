@@ -1,4 +1,7 @@
-"""Train one model: `python train.py model=tiny attention=mea trainer.max_steps=30 hydra.run.dir=DIR`."""
+"""Train one model: `python train.py model=tiny attention=mea trainer.max_steps=30 hydra.run.dir=DIR`.
+
+Several processes: `torchrun --nproc_per_node 8 train.py deepspeed=zero2 ...`.
+"""
 import sys
 
 import hydra
@@ -12,11 +15,11 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from mea.train import run
+    from mea.train import TrainingError, run
 
     try:
         run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -60,10 +60,10 @@ def main() -> None:
     model = LM(ModelConfig(vocab_size=corpus.vocab_size), MHAConfig())
     opt = torch.optim.AdamW(model.parameters())
     x, y = batches(0)
-    model.loss(x, y).backward()
+    model(x, y).backward()
     start = time.perf_counter()
     for _ in range(5):
-        model.loss(x, y).backward()
+        model(x, y).backward()
         opt.step()
         opt.zero_grad()
     step_rate = 5 / (time.perf_counter() - start)

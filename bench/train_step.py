@@ -64,7 +64,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
 
-    models, steps = {}, {}
+    models = {}
     for name, attention in arms().items():
         model = LM(ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"]), attention).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

@@ -63,9 +63,19 @@ class SchedulerConfig:
 class TrainerConfig:
     max_steps: int = 300
     global_batch: int = 16  # sequences per optimizer step, over all ranks
+    global_batch_tokens: int | None = None  # instead of global_batch: tokens per step (a multiple of data.seq_len)
     micro_batch: int | None = None  # per rank; None = global_batch / world size (no accumulation)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the run directory's latest checkpoint
+    resume_from: str | None = None  # or from this checkpoint folder
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    peak_tflops: float | None = None  # for MFU on GPU; None = known devices' dense bf16 peak
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -86,7 +96,9 @@ class LoggerConfig:
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = False
-    stage: int = 0
+    stage: int = 0  # ZeRO stage 0-3
+    offload_optimizer: bool = False
+    offload_params: bool = False  # stage 3 only
 
 
 @dataclass
@@ -116,6 +128,8 @@ CHOICES = {
     "optim.name": ("adamw",),
     "scheduler.name": ("cosine", "wsd", "constant"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "fp32", "bf16"),
+    "deepspeed.stage": (0, 1, 2, 3),
     "logger.mode": ("online", "offline", "disabled"),
 }
 
@@ -127,7 +141,7 @@ def validate(cfg: DictConfig | Any) -> None:
     select = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
     for key, allowed in CHOICES.items():
         if select(key) not in allowed:
-            raise ConfigError(f"{key}={select(key)!r} is not allowed; choose one of: {', '.join(allowed)}")
+            raise ConfigError(f"{key}={select(key)!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
     for key in POSITIVE:
         if not select(key) > 0:
             raise ConfigError(f"{key}={select(key)} must be positive")
@@ -137,6 +151,11 @@ def validate(cfg: DictConfig | Any) -> None:
         check_shape(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
+        raise ConfigError(f"deepspeed.offload_params needs ZeRO stage 3, not deepspeed.stage={cfg.deepspeed.stage}; use deepspeed=zero3_offload")
+    tokens = cfg.trainer.global_batch_tokens
+    if tokens is not None and (tokens <= 0 or tokens % cfg.data.seq_len):
+        raise ConfigError(f"trainer.global_batch_tokens={tokens} is not a positive multiple of data.seq_len={cfg.data.seq_len}")
     if not 0 < cfg.data.val_share < 1:
         raise ConfigError(f"data.val_share={cfg.data.val_share} must lie strictly between 0 and 1")
     if cfg.data.seq_len > cfg.model.max_seq_len:
@@ -145,3 +164,11 @@ def validate(cfg: DictConfig | Any) -> None:
         raise ConfigError(f"data.vocab_size={cfg.data.vocab_size} cannot hold the 256 byte tokens and the end-of-document token; use at least 257")
     if cfg.model.vocab_size is not None and cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < cfg.data.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size}; token ids would fall outside the embedding — set model.vocab_size=null")
+
+
+def load_config(path) -> TrainConfig:
+    """A run directory's `config.yaml` back as a typed TrainConfig (the variant's own config class included)."""
+    raw = OmegaConf.load(path)
+    schema = OmegaConf.structured(TrainConfig)
+    schema.attention = OmegaConf.structured(variant_class(raw.attention.name).Config)
+    return OmegaConf.to_object(OmegaConf.merge(schema, raw))

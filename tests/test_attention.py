@@ -67,7 +67,7 @@ def test_folded_hlc_equals_explicit_composition(n_kv_heads):
     torch.testing.assert_close(folded(x), explicit(x), rtol=1e-4, atol=1e-5)
     # gradients reach the HLC matrices identically through both forms
     for m in (folded, explicit):
-        m.loss(x[:, :-1], x[:, 1:]).backward()
+        m(x[:, :-1], x[:, 1:]).backward()
     g1, g2 = folded.blocks[1].attention.hlc_k.grad, explicit.blocks[1].attention.hlc_k.grad
     assert g1.abs().sum() > 0
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
@@ -134,7 +134,7 @@ def test_cached_decoding_equals_full_forward(attention, n_kv_heads):
     x = tokens(T=20)
     full = m(x)
     caches = m.new_caches()
-    steps = [m(x[:, :7], caches), m(x[:, 7:10], caches)] + [m(x[:, t : t + 1], caches) for t in range(10, 20)]
+    steps = [m(x[:, :7], caches=caches), m(x[:, 7:10], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(10, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=2e-5)
 
 
@@ -154,7 +154,7 @@ def test_mea_cache_holds_only_stored_heads():
     sizes = []
     for m in (full, half):
         caches = m.new_caches()
-        m(tokens(T=12), caches)
+        m(tokens(T=12), caches=caches)
         sizes.append(sum(c.nbytes for c in caches))
     assert sizes[1] * 2 == sizes[0]
 

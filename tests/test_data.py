@@ -167,8 +167,8 @@ def test_token_ids_past_the_model_vocabulary_are_refused(tmp_path):
 
 
 def write_big_vocab_tokenizer(tmp_path: Path) -> Path:
-    from mea.data.tokenizer import train_bpe
     from mea.data.sources import stdlib_documents
+    from mea.data.tokenizer import train_bpe
 
     tok = train_bpe(list(stdlib_documents().texts())[:100], 1000)
     path = tmp_path / "tokenizer.json"

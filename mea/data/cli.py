@@ -11,7 +11,6 @@ from mea.config import ConfigError, register_configs, validate
 from .shards import prepare
 from .sources import DataError
 
-
 # The configs live in the checkout beside the package (installed editable, as the Makefile does).
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 

@@ -57,8 +57,12 @@ class Batches:
         return self.windows.stack(self.indices(step))
 
 
-def validation_batches(windows: TokenWindows, batch_size: int, n_batches: int):
-    """The first n_batches · batch_size windows of the validation split, in order: the same for every run."""
-    total = min(len(windows), batch_size * n_batches)
-    for start in range(0, total, batch_size):
-        yield windows.stack(np.arange(start, min(start + batch_size, total)))
+def validation_batches(windows: TokenWindows, n_windows: int, batch_size: int, rank: int = 0, world_size: int = 1):
+    """The rank's share of the validation split's first n_windows windows (the same set for every run and
+    world size), in batches; ranks get equal counts so that they step together."""
+    total = min(len(windows), n_windows) // (batch_size * world_size) * batch_size * world_size
+    if total == 0:
+        raise ValueError(f"the validation split has {len(windows)} windows, fewer than one batch of {batch_size} per rank; raise data.val_share")
+    mine = np.arange(total)[rank::world_size]
+    for start in range(0, len(mine), batch_size):
+        yield windows.stack(mine[start : start + batch_size])

@@ -113,8 +113,10 @@ class LM(nn.Module):
                 std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers) if residual_out else self.cfg.init_std
                 nn.init.normal_(module.weight, 0.0, std)
 
-    def forward(self, idx_BT: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for tokens idx_BT; with caches, idx_BT continues the cached positions."""
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for tokens idx_BT, or with targets the mean next-token cross-entropy.
+
+        With caches, idx_BT continues the cached positions."""
         start = caches[0].length if caches else 0
         T = idx_BT.shape[1]
         if start + T > self.cfg.max_seq_len:
@@ -123,10 +125,9 @@ class LM(nn.Module):
         x = self.embed(idx_BT)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None)
-        return self.head(self.norm(x))
-
-    def loss(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-        logits = self(idx_BT)
+        logits = self.head(self.norm(x))
+        if targets_BT is None:
+            return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.flatten())
 
     def new_caches(self, max_len: int | None = None) -> list[KVCache]:
@@ -143,7 +144,7 @@ class LM(nn.Module):
     ) -> torch.Tensor:
         """Sample max_new_tokens after the prompt with a KV cache; temperature 0 is greedy."""
         caches = self.new_caches(idx_BT.shape[1] + max_new_tokens)
-        logits = self(idx_BT, caches)[:, -1]
+        logits = self(idx_BT, caches=caches)[:, -1]
         out = [idx_BT]
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -155,7 +156,7 @@ class LM(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
             out.append(nxt)
-            logits = self(nxt, caches)[:, -1]
+            logits = self(nxt, caches=caches)[:, -1]
         return torch.cat(out, dim=1)
 
     def parameter_counts(self) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Training: the loop, the optimizer and schedules, metrics."""
-from .loop import run
+"""Training: the loop, the engines (plain PyTorch, DeepSpeed), checkpoints, optimizer and schedules, metrics."""
+from .loop import TrainingError, run
 
-__all__ = ["run"]
+__all__ = ["TrainingError", "run"]

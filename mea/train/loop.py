@@ -1,30 +1,57 @@
-"""The training run: validate, build the components, then the loop, which reads like the algorithm."""
+"""The training run: validate, put the components together, then the loop, which reads like the algorithm."""
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
-from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_model
 from tqdm import tqdm
 
 from mea.config import ConfigError, TrainConfig, validate
 from mea.data import Batches, TokenWindows, prepare, validation_batches
 from mea.models import LM
 
-from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from . import checkpoint
+from .engine import Engine, build_engine, describe, setup_distributed
+from .metrics import MetricsLogger, peak_flops
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a one-line message that says why and what to change)."""
 
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Fill in what follows from the machine: precision and the global batch in sequences."""
+    trainer = cfg.trainer
+    if trainer.precision == "auto":
+        trainer = replace(trainer, precision="bf16" if device.type == "cuda" else "fp32")
+    if trainer.global_batch_tokens is not None:
+        trainer = replace(trainer, global_batch=trainer.global_batch_tokens // cfg.data.seq_len)
+    return replace(cfg, trainer=trainer)
+
+
+def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
+    tc = cfg.trainer
+    micro = tc.micro_batch or tc.global_batch // world_size
+    if micro < 1 or tc.global_batch % (micro * world_size):
+        raise ConfigError(
+            f"trainer.global_batch={tc.global_batch} is not a multiple of trainer.micro_batch={tc.micro_batch or micro} × world size {world_size}; change one of them"
+        )
+    return micro
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, max_token_id: int) -> LM:
@@ -37,111 +64,183 @@ def build_model(cfg: TrainConfig, vocab_size: int, max_token_id: int) -> LM:
 
 
 @torch.no_grad()
-def evaluate(model: LM, windows: TokenWindows, batch_size: int, n_batches: int, device: torch.device, autocast) -> float:
-    model.eval()
-    losses = []
-    for x, y in validation_batches(windows, batch_size, n_batches):
-        with autocast:
-            losses.append(model.loss(x.to(device), y.to(device)).item())
-    model.train()
-    return sum(losses) / len(losses)
+def evaluate(engine: Engine, windows: TokenWindows, n_windows: int, micro: int, rank: int, world_size: int) -> float:
+    """Mean loss over the first n_windows of the validation split, shared out across ranks."""
+    module = getattr(engine, "engine", engine.model)
+    module.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for x, y in validation_batches(windows, n_windows, micro, rank, world_size):
+        with engine.autocast:
+            total += torch.tensor([module(x.to(engine.device), y.to(engine.device)).float().item() * len(x), len(x)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    module.train()
+    return (total[0] / total[1]).item()
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR1 (preemption); all ranks agree on it before acting."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.raised = True
+
+    def agreed(self) -> bool:
+        if not dist.is_initialized():
+            return self.raised
+        flag = torch.tensor([float(self.raised)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def run(dict_cfg: DictConfig) -> dict:
-    """Train one model as the config says; write metrics.jsonl, config.yaml and summary.json into run_dir."""
+    """Train one model as the config says; the run directory receives config, metrics, checkpoints, summary."""
     validate(dict_cfg)
-    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
+    device = pick_device(dict_cfg.trainer.device)
+    cfg = resolve(OmegaConf.to_object(dict_cfg), device)
     tc = cfg.trainer
-    world_size, rank = 1, 0
-    micro = tc.micro_batch or tc.global_batch // world_size
-    if tc.global_batch % (micro * world_size):
-        raise ConfigError(f"trainer.global_batch={tc.global_batch} is not a multiple of trainer.micro_batch={micro} × world size {world_size}; change one of them")
-    accumulation = tc.global_batch // (micro * world_size)
-    device = pick_device(tc.device)
+    rank, world_size = setup_distributed(cfg, device)
+    micro = micro_batch_size(cfg, world_size)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_point = checkpoint.find_resume_point(run_dir, tc.resume, tc.resume_from)
+    if resume_point is not None:
+        saved = checkpoint.read_state(resume_point)
+        checkpoint.check_compatible(resume_point, saved, asdict(cfg.model), asdict(cfg.attention), cfg.deepspeed.enabled)
 
-    corpus = prepare(cfg.data)
+    if rank == 0:  # one process tokenises; the others then find it in the cache
+        corpus = prepare(cfg.data)
+    checkpoint.barrier()
+    if rank != 0:
+        corpus = prepare(cfg.data, log=lambda _: None)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, tc.max_steps)
+    cfg = replace(cfg, model=model.cfg)
+    engine = build_engine(model, cfg, device, micro, world_size)
     train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), tc.global_batch, seed=tc.seed, rank=rank, world_size=world_size)
     val_windows = TokenWindows(corpus.shards("val"), cfg.data.seq_len)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-    resolved = OmegaConf.to_container(OmegaConf.structured(replace(cfg, model=model.cfg)))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    state = {"step": 0, "bad_steps_total": 0, "window_losses": [], "val_loss": float("nan"), "wandb_id": None, "wall_time_s": 0.0}
+    if resume_point is not None:
+        state.update(checkpoint.load(engine, resume_point))
+    start_step = state["step"]
+    if start_step >= tc.max_steps and (run_dir / "summary.json").is_file():
+        if rank == 0:
+            print(f"{run_dir} already finished {tc.max_steps} steps; raise trainer.max_steps to train on")
+        return json.loads((run_dir / "summary.json").read_text())
     params = model.parameter_counts()
-    print(f"{cfg.attention.name} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) on {device}")
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     run_name = f"{cfg.attention.name}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
-    metrics = MetricsLogger(run_dir, cfg.logger, run_name, resolved)
+    metrics = MetricsLogger(run_dir, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"])
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        print(f"{cfg.attention.name} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) · {describe(engine)} · {world_size} process(es) on {device}")
+        if resume_point is not None:
+            print(f"resuming from {resume_point} at step {state['step']}")
 
     tokens_per_step = tc.global_batch * cfg.data.seq_len
-    window_losses: list[float] = []
-    last_log_time, last_row, val_loss = time.perf_counter(), {}, float("nan")
-    start_time = last_log_time
-    progress = tqdm(range(tc.max_steps), desc=run_name, disable=rank != 0, dynamic_ncols=True)
-    for step in progress:
-        x, y = train_batches(step)
-        loss_sum = 0.0
-        for xm, ym in zip(x.split(micro), y.split(micro)):
-            with autocast:
-                loss = model.loss(xm.to(device), ym.to(device)) / accumulation
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_losses.append(loss_sum)
+    flops_per_step = model.flops_per_token(cfg.data.seq_len) * tokens_per_step
+    peak = peak_flops(device, tc.peak_tflops)
+    stop = StopFlag()
+    bad_in_a_row, last_row = 0, {}
+    last_log_time = start_time = time.perf_counter()
+    wall_before = state["wall_time_s"]
 
+    def save_checkpoint(step: int) -> Path:
+        state.update(step=step, wandb_id=metrics.wandb_id, wall_time_s=wall_before + time.perf_counter() - start_time)
+        return checkpoint.save(engine, run_dir, {**state, "model": asdict(cfg.model), "attention": asdict(cfg.attention), "deepspeed": cfg.deepspeed.enabled}, tc.keep_checkpoints)
+
+    progress = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc=run_name, disable=rank != 0, dynamic_ncols=True)
+    for step in progress:
+        lr = engine.lr
+        loss, grad_norm = engine.train_step(*train_batches(step))
         done = step + 1
+        if math.isfinite(loss):
+            bad_in_a_row = 0
+            state["window_losses"].append(loss)
+        else:
+            bad_in_a_row += 1
+            state["bad_steps_total"] += 1
+            if bad_in_a_row >= tc.max_bad_steps:
+                kept = checkpoint.checkpoints(run_dir)
+                raise TrainingError(
+                    f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {done}); stopped, last good checkpoint: "
+                    f"{kept[-1] if kept else 'none'}; lower optim.lr or raise trainer.max_bad_steps"
+                )
+
         if done % tc.log_every == 0 or done == tc.max_steps:
             now = time.perf_counter()
+            steps_in_window = max(1, len(state["window_losses"]))
             row = {
                 "step": done,
                 "tokens": done * tokens_per_step,
-                "loss": sum(window_losses) / len(window_losses),
+                "loss": sum(state["window_losses"]) / steps_in_window if state["window_losses"] else float("nan"),
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": len(window_losses) * tokens_per_step / (now - last_log_time),
+                "tokens_per_s": tc.log_every * tokens_per_step / (now - last_log_time),
+                "bad_steps": state["bad_steps_total"],
             }
+            if peak:
+                row["mfu"] = row["tokens_per_s"] / tokens_per_step * flops_per_step / world_size / peak
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if done % tc.eval_every == 0 or done == tc.max_steps:
-                val_loss = row["val_loss"] = evaluate(model, val_windows, micro, tc.eval_batches, device, autocast)
+                state["val_loss"] = row["val_loss"] = evaluate(engine, val_windows, tc.eval_batches * tc.global_batch, micro, rank, world_size)
             metrics.log(row)
             progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            window_losses, last_log_time, last_row = [], time.perf_counter(), row
+            state["window_losses"], last_log_time, last_row = [], time.perf_counter(), row
 
-    wall = time.perf_counter() - start_time
-    save_model(model, str(run_dir / "model.safetensors"))
-    sample = generate_sample(model, corpus.tokenizer, tc.sample_prompt, tc.sample_tokens, device)
-    summary = {
-        "variant": cfg.attention.name,
-        "model": cfg.model.name,
-        "params": params["total"],
-        "non_embedding_params": params["non_embedding"],
-        "steps": tc.max_steps,
-        "tokens": tc.max_steps * tokens_per_step,
-        "final_train_loss": last_row.get("loss", float("nan")),
-        "final_val_loss": val_loss,
-        "wall_time_s": wall,
-        "tokens_per_s": tc.max_steps * tokens_per_step / wall,
-        "run_dir": str(run_dir),
-        "data": corpus.path.name,
-        "sample": sample,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        preempted = stop.agreed()
+        if done == tc.max_steps or preempted or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+            saved_at = save_checkpoint(done)
+        if preempted:
+            if rank == 0:
+                print(f"stop signal: saved {saved_at}; the same command resumes from it")
+            metrics.close({})
+            return {"preempted": True, "step": done, "checkpoint": str(saved_at)}
+
+    final = checkpoint.checkpoints(run_dir)[-1]
+    summary = {}
+    if rank == 0:
+        tokenizer = corpus.tokenizer
+        (run_dir / "model.safetensors").write_bytes((final / "model.safetensors").read_bytes())
+        wall = wall_before + time.perf_counter() - start_time
+        summary = {
+            "variant": cfg.attention.name,
+            "model": cfg.model.name,
+            "params": params["total"],
+            "non_embedding_params": params["non_embedding"],
+            "steps": tc.max_steps,
+            "tokens": tc.max_steps * tokens_per_step,
+            "final_train_loss": last_row.get("loss", float("nan")),
+            "final_val_loss": state["val_loss"],
+            "bad_steps": state["bad_steps_total"],
+            "wall_time_s": wall,
+            "tokens_per_s": (tc.max_steps - start_step) * tokens_per_step / (time.perf_counter() - start_time),
+            "world_size": world_size,
+            "run_dir": str(run_dir),
+            "data": corpus.path.name,
+            "sample": generate_sample(run_dir / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"final train loss {summary['final_train_loss']:.4f} · val loss {summary['final_val_loss']:.4f} · perplexity {math.exp(summary['final_val_loss']):.1f}")
+        print(f"run directory: {run_dir}")
+        print(f"sample: {summary['sample']!r}")
     metrics.close(summary)
-    print(f"final train loss {summary['final_train_loss']:.4f} · val loss {summary['final_val_loss']:.4f} · perplexity {math.exp(val_loss):.1f}")
-    print(f"run directory: {run_dir}")
-    print(f"sample: {sample!r}")
+    checkpoint.barrier()
     return summary
 
 
-def generate_sample(model: LM, tokenizer, prompt: str, n_tokens: int, device: torch.device) -> str:
-    model.eval()
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids], device=device)
-    out = model.generate(ids, n_tokens, temperature=0.8, top_k=40, generator=torch.Generator(device).manual_seed(0))
+def generate_sample(weights: Path, cfg: TrainConfig, tokenizer, prompt: str, n_tokens: int) -> str:
+    """A short generation from the saved weights, on one CPU process whatever the training engine was."""
+    from safetensors.torch import load_model
+
+    model = LM(cfg.model, cfg.attention).eval()
+    load_model(model, str(weights))
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
+    out = model.generate(ids, n_tokens, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
     return tokenizer.decode(out[0].tolist())

@@ -6,7 +6,21 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
+
 from mea.config import LoggerConfig
+
+# Dense bf16 matrix-multiply peaks, for MFU where trainer.peak_tflops is not given.
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in KNOWN_PEAK_TFLOPS.items() if key in name), None)
 
 
 def has_wandb_key() -> bool:
@@ -16,12 +30,26 @@ def has_wandb_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the rows a killed run logged after its last checkpoint, so a resumed curve has no duplicates."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    tmp.replace(path)
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, run_name: str, config: dict, enabled: bool = True):
+    """Rank 0 writes; other ranks hold a logger that does nothing."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, run_name: str, config: dict, enabled: bool = True, resume_step: int = 0, wandb_id: str | None = None):
         self.enabled = enabled
         self.wandb_run = None
         if not enabled:
             return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_after(run_dir / "metrics.jsonl", resume_step)
         self.file = open(run_dir / "metrics.jsonl", "a")
         if cfg.mode == "disabled":
             return
@@ -31,7 +59,10 @@ class MetricsLogger:
         if mode == "online" and not has_wandb_key():
             warnings.warn("W&B has no API key here (WANDB_API_KEY or `wandb login`); logging offline — `wandb sync` uploads it later", stacklevel=2)
             mode = "offline"
-        init = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or run_name, tags=list(cfg.tags), config=config, dir=str(run_dir))
+        init = dict(
+            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or run_name, tags=list(cfg.tags),
+            config=config, dir=str(run_dir), id=wandb_id, resume="allow" if wandb_id else None,
+        )
         try:
             self.wandb_run = wandb.init(mode=mode, **init)
         except Exception as e:  # an unreachable server must not cost the run
@@ -39,6 +70,10 @@ class MetricsLogger:
                 raise
             warnings.warn(f"W&B online init failed ({e}); logging offline — `wandb sync` uploads it later", stacklevel=2)
             self.wandb_run = wandb.init(mode="offline", **init)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, row: dict) -> None:
         if not self.enabled:

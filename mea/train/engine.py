@@ -1,0 +1,252 @@
+"""How a model is trained across processes: plain PyTorch on one device, or DeepSpeed ZeRO.
+
+The loop sees one interface, `Engine`: `train_step(x, y)` runs the micro-batches of one optimizer step and
+returns the loss and the gradient norm; `save(folder)` and `load(folder)` write and read the full training
+state. DeepSpeed's JSON config is generated here from the Hydra config, so there is one source of truth.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_file, save_model
+from torch import nn
+
+from mea.config import ConfigError, TrainConfig
+from mea.models.transformer import Block
+
+from .optim import build_optimizer, build_scheduler
+
+
+class Engine:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, micro_batch: int):
+        self.model, self.cfg, self.device, self.micro_batch = model, cfg, device, micro_batch
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.trainer.precision == "bf16" else nullcontext()
+
+    def micro_batches(self, x: torch.Tensor, y: torch.Tensor):
+        for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
+            yield xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def all_finite(losses: list[torch.Tensor]) -> bool:
+        finite = torch.stack(losses).isfinite().all().float()
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    @staticmethod
+    def mean_over_ranks(value: float) -> float:
+        if not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / dist.get_world_size()
+
+
+class PlainEngine(Engine):
+    """One process, one device: AdamW, the lr schedule, clipping and gradient accumulation by hand."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, micro_batch: int):
+        super().__init__(model, cfg, device, micro_batch)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.trainer.max_steps)
+        self.forward = torch.compile(model) if cfg.trainer.compile else model
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """Loss and gradient norm of the step; a non-finite loss leaves the weights and the optimizer untouched."""
+        accumulation = math.ceil(len(x) / self.micro_batch)
+        losses = []
+        for xm, ym in self.micro_batches(x, y):
+            with self.autocast:
+                loss = self.forward(xm, ym)
+            (loss / accumulation).backward()
+            losses.append(loss.detach())
+        if not self.all_finite(losses):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan"), float("nan")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack(losses).mean().item(), grad_norm
+
+    def save(self, folder: Path) -> None:
+        save_model(self.model, str(folder / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, folder / "optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        load_model(self.model, str(folder / "model.safetensors"), device=str(self.device))
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def consolidated_state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
+    """DeepSpeed's JSON, derived from the Hydra config. The optimizer stays torch's AdamW (built by mea with
+    its weight-decay groups) and is handed to DeepSpeed as a client optimizer."""
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": cfg.trainer.global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.trainer.global_batch // (micro_batch * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO stage 0-3 (with CPU offload options) over however many processes torchrun started."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, micro_batch: int, world_size: int):
+        super().__init__(model, cfg, device, micro_batch)
+        import deepspeed
+
+        self.ds_config = deepspeed_config(cfg, micro_batch, world_size)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine.checkpoint_engine)
+        if cfg.trainer.compile:
+            self.engine.compile()
+        self.autocast = nullcontext()  # DeepSpeed holds bf16 weights itself
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        losses, grad_norm = [], None
+        for xm, ym in self.micro_batches(x, y):
+            loss = self.engine(xm, ym)
+            losses.append(loss.detach().float())
+            finite = self.all_finite(losses)
+            if finite:
+                self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.deepspeed.stage == 0:
+                # Without ZeRO, DeepSpeed neither reports the norm nor skips a non-finite step: both are done here.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                grad_norm = nn.utils.get_total_norm(grads).item() if finite else None
+                if not finite:
+                    self.engine.optimizer.zero_grad(set_to_none=True)
+            self.engine.step()
+        if not self.all_finite(losses):
+            return float("nan"), float("nan")
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        return self.mean_over_ranks(torch.stack(losses).mean().item()), float(grad_norm)
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        weights = self.consolidated_state()  # a collective under ZeRO-3: every rank takes part
+        if dist.get_rank() == 0:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(folder / "model.safetensors"))
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=True)
+        if path is None:
+            raise ConfigError(f"{folder} holds no DeepSpeed checkpoint; it was written without DeepSpeed — resume with the same deepspeed setting")
+
+    def consolidated_state(self) -> dict[str, torch.Tensor]:
+        """The full fp32 weights, gathered from every rank's partition (all ranks must call this)."""
+        if self.cfg.deepspeed.stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.engine.module.state_dict()
+
+
+def weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True: nothing in a checkpoint runs as code.
+
+    The plain-data classes DeepSpeed pickles into its checkpoints are allow-listed by name."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnly(type(engine)):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    if not isinstance(engine, TorchCheckpointEngine):
+        return engine
+    engine.__class__ = WeightsOnly
+    return engine
+
+
+def deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def setup_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
+    """(rank, world size): torchrun's environment when present, else one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not cfg.deepspeed.enabled:
+        raise ConfigError(f"{world_size} processes were started but deepspeed=none; choose deepspeed=zero1 (or zero0/zero2/zero3) for multi-process training")
+    if not cfg.deepspeed.enabled:
+        return 0, 1
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if world_size == 1:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them (state-dict keys unchanged)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing as wrap
+
+    wrap(model, check_fn=lambda module: isinstance(module, Block))
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device, micro_batch: int, world_size: int) -> Engine:
+    if cfg.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.deepspeed.enabled:
+        return DeepSpeedEngine(model, cfg, device, micro_batch, world_size)
+    return PlainEngine(model, cfg, device, micro_batch)
+
+
+def describe(engine: Engine) -> str:
+    if isinstance(engine, DeepSpeedEngine):
+        return "DeepSpeed " + json.dumps(engine.ds_config["zero_optimization"])
+    return "plain PyTorch"
