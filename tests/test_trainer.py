@@ -235,3 +235,26 @@ def test_resume_with_another_model_shape_is_refused(single_process, tmp_path):
 def test_several_processes_need_deepspeed(tmp_path):
     proc = torchrun(tmp_path, *RUN)
     assert proc.returncode != 0 and "deepspeed=none; choose deepspeed=zero1" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides", [["trainer.activation_checkpointing=true"], ["trainer.global_batch=1", "trainer.global_batch_tokens=512"], ["trainer.micro_batch=2"]])
+def test_same_curve_with_recomputation_token_batches_or_accumulation(overrides, single_process, tmp_path):
+    proc = run_cli("train.py", *RUN, *overrides, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_curves_close(single_process, tmp_path, rel=1e-5)
+
+
+def test_torch_compile_trains_to_the_same_curve(single_process, tmp_path):
+    proc = run_cli("train.py", *RUN, "trainer.compile=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_curves_close(single_process, tmp_path, rel=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_gpu_logs_mfu_and_memory(tmp_path):
+    proc = run_cli("train.py", *RUN, "trainer.device=cuda", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = rows(tmp_path)[-1]
+    assert 0 < last["mfu"] < 1 and last["peak_memory_gib"] > 0
+    assert rows(tmp_path)[-1]["loss"] < rows(tmp_path)[0]["loss"]
