@@ -5,6 +5,8 @@ Several processes: `torchrun --nproc_per_node 8 train.py deepspeed=zero2 ...`.
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mea.config import ConfigError, register_configs
@@ -21,6 +23,8 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, TrainingError) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return  # a diverged run of a sweep is recorded in its summary; the sweep goes on
         sys.exit(2)
 
 

@@ -106,6 +106,11 @@ def run(dict_cfg: DictConfig) -> dict:
     rank, world_size = setup_distributed(cfg, device)
     micro = micro_batch_size(cfg, world_size)
     run_dir = Path(cfg.run_dir)
+    done_before = finished_summary(run_dir, tc.max_steps)
+    if done_before is not None:
+        if rank == 0:
+            print(f"{run_dir} is already done ({'diverged' if done_before.get('diverged') else f'{tc.max_steps} steps'}); raise trainer.max_steps to train on")
+        return done_before
     resume_point = checkpoint.find_resume_point(run_dir, tc.resume, tc.resume_from)
     if resume_point is not None:
         saved = checkpoint.read_state(resume_point)
@@ -127,10 +132,6 @@ def run(dict_cfg: DictConfig) -> dict:
     if resume_point is not None:
         state.update(checkpoint.load(engine, resume_point))
     start_step = state["step"]
-    if start_step >= tc.max_steps and (run_dir / "summary.json").is_file():
-        if rank == 0:
-            print(f"{run_dir} already finished {tc.max_steps} steps; raise trainer.max_steps to train on")
-        return json.loads((run_dir / "summary.json").read_text())
     params = model.parameter_counts()
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     run_name = f"{cfg.attention.name}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
@@ -167,6 +168,10 @@ def run(dict_cfg: DictConfig) -> dict:
             state["bad_steps_total"] += 1
             if bad_in_a_row >= tc.max_bad_steps:
                 kept = checkpoint.checkpoints(run_dir)
+                if rank == 0:  # a diverged run is a result too (an LR sweep records it), not a crash to retry
+                    write_json(run_dir / "summary.json", {"variant": cfg.attention.name, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
+                                                          "params": params["total"], "non_embedding_params": params["non_embedding"], "final_train_loss": float("nan"),
+                                                          "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir)})
                 raise TrainingError(
                     f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {done}); stopped, last good checkpoint: "
                     f"{kept[-1] if kept else 'none'}; lower optim.lr or raise trainer.max_bad_steps"
@@ -226,13 +231,28 @@ def run(dict_cfg: DictConfig) -> dict:
             "data": corpus.path.name,
             "sample": generate_sample(run_dir / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json(run_dir / "summary.json", summary)
         print(f"final train loss {summary['final_train_loss']:.4f} · val loss {summary['final_val_loss']:.4f} · perplexity {math.exp(summary['final_val_loss']):.1f}")
         print(f"run directory: {run_dir}")
         print(f"sample: {summary['sample']!r}")
     metrics.close(summary)
     checkpoint.barrier()
     return summary
+
+
+def finished_summary(run_dir: Path, max_steps: int) -> dict | None:
+    """The summary of a run that already reached max_steps or diverged, so that running it again does nothing."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("diverged") or summary.get("steps") == max_steps else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def generate_sample(weights: Path, cfg: TrainConfig, tokenizer, prompt: str, n_tokens: int) -> str:

@@ -1,0 +1,179 @@
+"""`mea-sweep` / `sweeps/lr_sweep.py`: run an LR sweep spec through Hydra multirun and collect results.csv.
+
+    mea-sweep sweeps/example.yaml                 # locally, one run after another
+    mea-sweep sweeps/example.yaml --slurm         # as SLURM job arrays (hydra-submitit-launcher)
+    mea-sweep sweeps/example.yaml --collect-only  # only (re)write results.csv
+
+Each (variant, size, lr, seed) run has a fixed directory `<out>/<size>/<variant>/lr<lr>-s<seed>`, so running the
+spec again skips what finished (or diverged) and resumes what failed from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mea.config import ConfigError, load_config, register_configs, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+COLUMNS = ["variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
+           "final_train_loss", "final_val_loss", "diverged", "wall_time_s", "run_dir"]
+
+
+@dataclass
+class SweepSize:
+    model: str  # a conf/model preset
+    tokens: int  # the token budget of each short run at this size
+    overrides: list[str] = field(default_factory=list)
+    name: str | None = None  # the size's label (default: the preset's name)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    variants: list[str]
+    sizes: list[SweepSize]
+    lr_min: float
+    lr_max: float
+    lr_points: int
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)  # given to every run
+    out: str = "runs/sweeps/${name}"
+
+
+class SweepError(ValueError):
+    """A spec or sweep that cannot run; one line naming the key or run."""
+
+
+def load_spec(path: Path) -> SweepSpec:
+    if not path.is_file():
+        raise SweepError(f"{path} does not exist; give a sweep spec such as sweeps/example.yaml")
+    try:
+        spec: SweepSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path)))
+    except OmegaConfBaseException as e:
+        raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
+    labels = [size.label for size in spec.sizes]
+    if len(set(labels)) < len(labels):
+        raise SweepError(f"{path}: two sizes share the label {max(labels, key=labels.count)!r}; give each a distinct name")
+    if not 0 < spec.lr_min < spec.lr_max or spec.lr_points < 3:
+        raise SweepError(f"{path}: the LR grid needs 0 < lr_min < lr_max and lr_points >= 3 (a quadratic fits the optimum)")
+    return spec
+
+
+def lr_grid(spec: SweepSpec) -> list[float]:
+    return [float(f"{lr:.3g}") for lr in np.geomspace(spec.lr_min, spec.lr_max, spec.lr_points)]
+
+
+def compose_run(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "run_dir=unused"])
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+    return cfg
+
+
+def multirun_command(spec: SweepSpec, size: SweepSize, out: Path, slurm: bool) -> list[str]:
+    """One Hydra multirun per size: variants × LRs × seeds, with the step count that spends the token budget."""
+    base = [f"model={size.model}", *spec.overrides, *size.overrides, f"model.name={size.label}"]
+    cfg = compose_run([f"attention={spec.variants[0]}", *base])
+    tokens_per_step = (cfg.trainer.global_batch_tokens or cfg.trainer.global_batch * cfg.data.seq_len)
+    steps = max(1, math.ceil(size.tokens / tokens_per_step))
+    return [
+        sys.executable, str(ROOT / "train.py"), "--multirun",
+        f"attention={','.join(spec.variants)}",
+        f"optim.lr={','.join(map(str, lr_grid(spec)))}",
+        f"trainer.seed={','.join(map(str, spec.seeds))}",
+        *base,
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        f"logger.group={spec.name}",
+        f"hydra.sweep.dir={out / size.label}",
+        "hydra.sweep.subdir=${attention.name}/lr${optim.lr}-s${trainer.seed}",
+        *(["hydra/launcher=slurm"] if slurm else []),
+    ]
+
+
+def smoothed_final_loss(run_dir: Path, share: float = 0.1) -> float:
+    """Mean training loss over the last `share` of the logged rows (at least one): less noisy than the last row."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    losses = [r["loss"] for r in rows]
+    tail = losses[-max(1, round(len(losses) * share)) :]
+    return float(np.mean(tail)) if tail else math.nan
+
+
+def result_row(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config(run_dir / "config.yaml")
+    loss = smoothed_final_loss(run_dir)
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    diverged = bool(summary.get("diverged")) or not math.isfinite(loss) or loss > first  # no better than at the start
+    return {
+        "variant": cfg.attention.name, "size": cfg.model.name, "params": summary["params"], "non_embedding_params": summary["non_embedding_params"],
+        "layers": cfg.model.n_layers, "width": cfg.model.dim, "tokens": summary["tokens"], "batch_tokens": cfg.trainer.global_batch * cfg.data.seq_len,
+        "lr": cfg.optim.lr, "seed": cfg.trainer.seed, "final_train_loss": loss, "final_val_loss": summary["final_val_loss"], "diverged": diverged,
+        "wall_time_s": summary["wall_time_s"], "run_dir": str(run_dir),
+    }
+
+
+def collect(out: Path) -> Path:
+    """results.csv from every finished run under `out`, written atomically."""
+    rows = [result_row(p.parent) for p in sorted(out.glob("*/*/*/summary.json"))]
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "results.csv")
+    return out / "results.csv"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mea-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", type=Path)
+    parser.add_argument("--slurm", action="store_true", help="fan each size out as a SLURM job array")
+    parser.add_argument("--collect-only", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="print the multirun commands")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        out = Path(spec.out)
+        commands = [multirun_command(spec, size, out, args.slurm) for size in spec.sizes]
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    failed = []
+    for size, command in zip(spec.sizes, commands):
+        if args.dry_run:
+            print(" ".join(command))
+            continue
+        if not args.collect_only and subprocess.call(command, cwd=ROOT) != 0:
+            failed.append(size.label)
+    if args.dry_run:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(out)
+    print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
+    if failed:
+        print(f"error: the multirun of {', '.join(failed)} failed; run the same command again to resume it", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""LR sweeps and scaling-law fits: synthetic data from known laws, an end-to-end mini sweep on CPU, bad input."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
+
+from .conftest import run_cli
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def lr_law_runs(a=3.0, b=-0.3, sizes=(1e6, 3e6, 1e7, 3e7), noise=0.002, seed=0, span=30, points=9, depth=0.03):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for variant, scale in (("mha", 1.0), ("mea", 2.5)):
+        for n in sizes:
+            opt = scale * a * n**b
+            for lr in np.geomspace(opt / span, opt * span, points):
+                loss = 4 - 0.1 * math.log10(n) + depth * math.log(lr / opt) ** 2 + rng.normal(0, noise)
+                rows.append({"arm": variant, "N": n, "D": 20 * n, "eta": lr, "L": loss, "diverged": False})
+    return rows
+
+
+def test_lr_law_recovers_known_constants(tmp_path):
+    csv_path = write_csv(tmp_path / "runs.csv", lr_law_runs())
+    proc = run_cli("sweeps/fit.py", "lr-law", str(csv_path), "--out", str(tmp_path / "fit"), "--n-col", "N", "--lr-col", "eta", "--loss-col", "L",
+                   "--group-col", "arm", "--d-col", "D", "--target", "3e8", "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert proc.returncode == 0, proc.stderr
+    fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    for group, scale in (("mha", 1.0), ("mea", 2.5)):
+        g = fit["groups"][group]
+        assert g["b"] == pytest.approx(-0.3, abs=0.02) and g["a"] == pytest.approx(3.0 * scale, rel=0.25)
+        assert g["b_ci"][0] < -0.3 < g["b_ci"][1] or abs(g["b"] + 0.3) < 0.01
+        pred = g["predictions"]["3e8"]
+        assert pred["lr"] == pytest.approx(scale * 3.0 * 3e8**-0.3, rel=0.1) and pred["lr_ci"][0] < pred["lr"] < pred["lr_ci"][1]
+        for size in g["sizes"]:  # width of the LR range within 1% of the optimum: 2·sqrt(0.01·L*/depth) in ln units
+            expected = 2 * math.sqrt(0.01 * size["loss"] / 0.03) / math.log(10)
+            assert size["sensitivity_decades"] == pytest.approx(expected, rel=0.1)
+    fragment = (tmp_path / "lr" / "mea_25m.yaml").read_text()
+    assert fragment.startswith("# @package _global_") and "optim:\n  lr: " in fragment
+    for plot in ("lr_curves.png", "lr_curves.svg", "lr_law.png", "fit.md"):
+        assert (tmp_path / "fit" / plot).stat().st_size > 1000
+
+
+def test_loss_law_recovers_known_constants():
+    rng = np.random.default_rng(0)
+    n = np.repeat([1e6, 3e6, 1e7, 3e7, 1e8], 4)
+    d = np.tile([1e8, 3e8, 1e9, 3e9], 5)
+    loss = (1.7 + 400 / n**0.34 + 410 / d**0.28) * np.exp(rng.normal(0, 0.002, len(n)))
+    law = fit_loss_law(n, d, loss, n_boot=10)
+    assert law.alpha == pytest.approx(0.34, abs=0.02) and law.beta == pytest.approx(0.28, abs=0.03)
+    assert law.E == pytest.approx(1.7, abs=0.15)
+    assert law(1e9, 1e10) == pytest.approx(1.7 + 400 / 1e9**0.34 + 410 / 1e10**0.28, rel=0.01)
+
+
+def test_loss_law_cli_with_mapped_columns(tmp_path):
+    rows = [{"params": n, "toks": d, "loss": 2 + 300 / n**0.3 + 300 / d**0.3} for n in (1e6, 1e7, 1e8) for d in (1e8, 1e9, 1e10)]
+    proc = run_cli("sweeps/fit.py", "loss-law", str(write_csv(tmp_path / "r.csv", rows)), "--n-col", "params", "--d-col", "toks", "--loss-col", "loss",
+                   "--out", str(tmp_path / "o"), "--bootstrap", "5")
+    assert proc.returncode == 0, proc.stderr
+    fit = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert set(fit) >= {"E", "A", "B", "alpha", "beta", "ci"} and fit["alpha"] == pytest.approx(0.3, abs=0.02)
+    assert (tmp_path / "o" / "loss_law.png").is_file()
+
+
+def test_edge_optimum_and_all_diverged_give_messages_not_fits():
+    lrs = np.geomspace(1e-4, 1e-2, 5)
+    with pytest.raises(FitError, match="edge of the grid; extend the grid to higher LRs"):
+        lr_optimum(lrs, 3 - np.log(lrs) * 0.1, "mea, N=1e6")
+    with pytest.raises(FitError, match="mea, N=1e6: every run diverged; lower the LR grid"):
+        lr_optimum(np.array([]), np.array([]), "mea, N=1e6")
+
+
+def test_fit_report_names_sizes_without_an_optimum(tmp_path):
+    rows = [r for r in lr_law_runs() if not (r["N"] == 1e6 and r["eta"] < 0.5 * 3.0 * 1e6**-0.3)]  # 1e6: the optimum falls on the low edge
+    for r in rows:
+        if r["N"] == 3e7 and r["arm"] == "mha":
+            r["diverged"] = True
+    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--lr-col", "eta",
+                   "--loss-col", "L", "--group-col", "arm", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert proc.returncode == 0, proc.stderr
+    assert "mha, N=1e+06: the best LR" in proc.stderr and "extend the grid to lower LRs" in proc.stderr
+    assert "mha, N=3e+07: every run diverged" in proc.stderr
+    fit = json.loads((tmp_path / "o" / "fit.json").read_text())
+    assert len([s for s in fit["groups"]["mha"]["sizes"] if "lr" in s]) == 2 and "b" in fit["groups"]["mha"]
+
+
+@pytest.mark.parametrize(
+    "rows, args, message",
+    [
+        ([{"N": 1, "eta": 0.1}], [], "has no column 'L' (--loss-col)"),
+        ([{"N": -5, "eta": 0.1, "L": 3}], [], "column 'N' (--n-col) of"),
+        ([{"N": 1e6, "eta": 0.0, "L": 3}], [], "non-positive values"),
+        ([{"N": n, "eta": lr, "L": 3 + (math.log(lr) + 4) ** 2} for n in (1e6,) for lr in (0.001, 0.01, 0.1)], [], "1 points for 2 parameters; add sizes"),
+    ],
+)
+def test_bad_csv_input(rows, args, message, tmp_path):
+    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--lr-col", "eta",
+                   "--loss-col", "L", "--group-col", "none", "--lr-conf-dir", str(tmp_path / "lr"), *args)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "o" / "fit.json").exists()
+
+
+MINI = """
+name: mini
+variants: [mea]
+sizes:
+  - {model: tiny, name: w32, tokens: 6144, overrides: [model.dim=32, model.n_heads=2]}
+  - {model: tiny, name: w64, tokens: 6144, overrides: [model.dim=64, model.n_heads=4]}
+lr_min: 1.0e-3
+lr_max: 1.0e-1
+lr_points: 3
+overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2]
+out: OUT
+"""
+
+
+def test_mini_sweep_end_to_end_and_resume(tmp_path):
+    spec = tmp_path / "mini.yaml"
+    spec.write_text(MINI.replace("OUT", str(tmp_path / "out")))
+    proc = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["size"] for r in rows} == {"w32", "w64"} and {float(r["lr"]) for r in rows} == {0.001, 0.01, 0.1}
+    assert all(int(r["tokens"]) == 24 * 256 for r in rows) and all(r["variant"] == "mea" for r in rows)
+    assert set(rows[0]) == {"variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
+                            "final_train_loss", "final_val_loss", "diverged", "wall_time_s", "run_dir"}
+    again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)
+    assert again.returncode == 0 and again.stdout.count("is already done") == 6
+    fit = run_cli("sweeps/fit.py", "lr-law", str(tmp_path / "out" / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert fit.returncode == 0, fit.stderr
+    assert (tmp_path / "fit" / "fit.json").is_file() and (tmp_path / "fit" / "lr_curves.png").is_file()
+    report = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    sizes = report["groups"]["mea"]["sizes"]
+    assert len(sizes) == 2 and all(("lr" in s) or ("message" in s) for s in sizes)
+
+
+def test_bad_sweep_spec(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(MINI.replace("lr_points: 3", "lr_points: 2").replace("OUT", str(tmp_path)))
+    proc = run_cli("sweeps/lr_sweep.py", str(spec))
+    assert proc.returncode == 2 and "lr_points >= 3" in proc.stderr
+    spec.write_text(MINI.replace("lr_min", "lr_mn").replace("OUT", str(tmp_path)))
+    proc = run_cli("sweeps/lr_sweep.py", str(spec))
+    assert proc.returncode == 2 and "lr_mn" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
