@@ -176,11 +176,16 @@ def build(cfg: DataConfig, docs: Documents, folder: Path, log=print) -> dict:
     }
 
 
+def prepared_path(cfg: DataConfig, key: str) -> Path:
+    """Where the corpus named `key` (<name>-<hash>, as a run's summary records it) lies in the cache."""
+    return Path(os.path.expanduser(cfg.cache_dir)) / key
+
+
 def prepare(cfg: DataConfig, log=print) -> PreparedCorpus:
     """The prepared corpus for this data config: from the cache if it is there, else built now."""
     cache = Path(os.path.expanduser(cfg.cache_dir))
     docs = load_documents(cfg, str(cache / "hf"))
-    final = cache / f"{cfg.name}-{cache_key(cfg, docs)}"
+    final = prepared_path(cfg, f"{cfg.name}-{cache_key(cfg, docs)}")
     manifest_file = final / "manifest.json"
     if manifest_file.is_file():
         return PreparedCorpus(final, json.loads(manifest_file.read_text()))

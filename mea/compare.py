@@ -1,0 +1,276 @@
+"""`mea-compare` / `python -m mea.compare`: loss curves, differences to a baseline, a table and a report.
+
+    mea-compare runs/a runs/b runs/c --baseline mha --out report/
+    mea-compare --results runs/sweeps/example/results.csv --out report/     # every run of a sweep, plus LR curves
+    mea-compare --wandb my-entity/mea --group exp1 --out report/            # through W&B's public API (online)
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import math
+import socket
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mea.runs import Run, RunError, read_run  # noqa: E402
+
+
+def ema(values: list[float], beta: float) -> np.ndarray:
+    """Exponential moving average with bias correction (as W&B's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return np.array(out)
+
+
+def train_curve(run: Run, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in run.rows if math.isfinite(r["loss"])]
+    return np.array([r["tokens"] for r in rows], dtype=float), ema([r["loss"] for r in rows], beta)
+
+
+def val_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    rows = [r for r in run.rows if "val_loss" in r]
+    return np.array([r["tokens"] for r in rows], dtype=float), np.array([r["val_loss"] for r in rows])
+
+
+def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> float:
+    """First token count at which the curve reaches target (linear interpolation); NaN if it never does."""
+    below = np.nonzero(loss <= target)[0]
+    if len(below) == 0:
+        return math.nan
+    i = below[0]
+    if i == 0:
+        return float(tokens[0])
+    t0, t1, l0, l1 = tokens[i - 1], tokens[i], loss[i - 1], loss[i]
+    return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
+
+
+def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.variant].append(run)
+    return dict(sorted(groups.items()))
+
+
+def check_comparable(runs: list[Run]) -> list[str]:
+    notes = []
+    keys = {run.data_key for run in runs}
+    if len(keys) > 1:
+        notes.append(f"the runs were trained on different data or tokenizers ({', '.join(sorted(keys))}); their losses are not comparable")
+    budgets = {run.summary.get("tokens") for run in runs}
+    if len(budgets) > 1:
+        notes.append(f"the runs saw different token budgets ({', '.join(map(str, sorted(budgets)))}); final losses compare unequal training")
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return notes
+
+
+def table(groups: dict[str, list[Run]], baseline: str, beta: float) -> list[dict]:
+    base_runs = groups[baseline]
+    base_final = float(np.mean([r.summary["final_val_loss"] for r in base_runs]))
+    base_tokens = float(np.mean([r.summary["tokens"] for r in base_runs]))
+    rows = []
+    for variant, runs in groups.items():
+        finals = np.array([r.summary["final_val_loss"] for r in runs])
+        reach = [tokens_to_reach(*val_curve(r), base_final) for r in runs]
+        rows.append({
+            "variant": variant,
+            "seeds": len(runs),
+            "final_val_loss": float(finals.mean()),
+            "final_val_loss_std": float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
+            "final_train_loss": float(np.mean([train_curve(r, beta)[1][-1] for r in runs])),
+            "tokens_to_baseline_ratio": float(np.mean(reach)) / base_tokens if all(math.isfinite(x) for x in reach) else math.nan,
+            "tokens_per_s": float(np.mean([r.summary["tokens_per_s"] for r in runs])),
+            "delta_vs_baseline": float(finals.mean()) - base_final,
+        })
+    return rows
+
+
+def band(ax, curves: list[tuple[np.ndarray, np.ndarray]], label: str, color, style: str = "-"):
+    """Mean over seeds on the first seed's token grid, with a min–max band."""
+    grid = curves[0][0]
+    ys = np.array([np.interp(grid, t, y) for t, y in curves])
+    ax.plot(grid, ys.mean(0), style, color=color, label=label)
+    if len(curves) > 1:
+        ax.fill_between(grid, ys.min(0), ys.max(0), color=color, alpha=0.2)
+
+
+def plot_curves(groups: dict[str, list[Run]], baseline: str, out: Path, beta: float, log_x: bool) -> list[Path]:
+    colors = dict(zip(groups, plt.cm.tab10.colors))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, runs in groups.items():
+        band(ax, [train_curve(r, beta) for r in runs], f"{variant} train (EMA {beta})", colors[variant])
+        band(ax, [val_curve(r) for r in runs], f"{variant} val", colors[variant], "o--")
+    ax.set(xlabel="tokens", ylabel="loss", title="Loss against tokens", xscale="log" if log_x else "linear")
+    ax.legend(fontsize=7)
+    paths = [save(fig, out / "loss_vs_tokens")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base_t, base_y = val_curve(groups[baseline][0])
+    base = np.mean([np.interp(base_t, *val_curve(r)) for r in groups[baseline]], axis=0)
+    for variant, runs in groups.items():
+        ys = np.array([np.interp(base_t, *val_curve(r)) for r in runs]) - base
+        ax.plot(base_t, ys.mean(0), "o-", color=colors[variant], label=variant)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(xlabel="tokens", ylabel=f"val loss − {baseline}", title=f"Difference to {baseline} (negative is better)", xscale="log" if log_x else "linear")
+    ax.legend(fontsize=7)
+    paths.append(save(fig, out / "delta_vs_baseline"))
+    return paths
+
+
+def plot_lr_sensitivity(results: Path, out: Path) -> Path:
+    import csv
+
+    with open(results) as f:
+        rows = [r for r in csv.DictReader(f)]
+    sizes = sorted({r["size"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for variant in sorted({r["variant"] for r in rows}):
+            pts = sorted((float(r["lr"]), float(r["final_train_loss"]), r["diverged"] == "True") for r in rows if r["size"] == size and r["variant"] == variant)
+            line = ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o-", label=variant)[0]
+            for lr, _, bad in pts:
+                if bad:
+                    ax.axvline(lr, color=line.get_color(), ls=":", lw=0.8)
+        ax.set(xscale="log", xlabel="learning rate", ylabel="final train loss", title=f"{size}: LR sensitivity")
+        ax.legend(fontsize=7)
+    return save(fig, out / "lr_sensitivity")
+
+
+def save(fig, stem: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    fig.savefig(stem.with_suffix(".svg"))
+    plt.close(fig)
+    return stem.with_suffix(".png")
+
+
+def fmt(x: float, spec: str, suffix: str = "×") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec) + suffix
+
+
+def markdown(rows: list[dict], baseline: str, plots: list[Path], notes: list[str], runs: list[Run]) -> str:
+    lines = ["# Comparison", ""]
+    lines += [f"> **Warning:** {n}" for n in notes] + ([""] if notes else [])
+    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {r['final_train_loss']:.4f} | "
+                     f"{fmt(r['tokens_to_baseline_ratio'], '.2f')} | {r['tokens_per_s']:,.0f} |")
+    lines += ["", "Tokens to the baseline's final loss: the first point of each run's validation curve at or below the baseline's mean final validation loss, as a share of the baseline's tokens (– : not reached).", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Runs:", ""] + [f"- `{r.path}` ({r.variant}, lr {r.config.optim.lr:g}, seed {r.config.trainer.seed})" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(rows: list[dict], baseline: str, plots: list[Path], notes: list[str]) -> str:
+    head = ["variant", "seeds", "final val loss", f"Δ vs {baseline}", "tokens to baseline", "tokens/s"]
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (r["variant"], r["seeds"], f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}",
+                                                                      f"{r['delta_vs_baseline']:+.4f}", fmt(r["tokens_to_baseline_ratio"], ".2f"), f"{r['tokens_per_s']:,.0f}")) + "</tr>"
+        for r in rows
+    )
+    warn = "".join(f"<p><b>Warning:</b> {html.escape(n)}</p>" for n in notes)
+    imgs = "".join(f'<p><img src="{p.with_suffix(".svg").name}" width="700"></p>' for p in plots)
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>Comparison</title></head><body><h1>Comparison</h1>{warn}<table border='1'><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{body}</table>{imgs}</body></html>\n"
+
+
+def wandb_runs(path: str, group: str | None, cache: Path) -> list[Path]:
+    """Fetch a W&B project's runs (one group) into local run directories, through W&B's public API."""
+    import json
+
+    import wandb
+
+    base = urlparse(wandb.env.get_base_url() or "https://api.wandb.ai")
+    try:
+        socket.create_connection((base.hostname, base.port or (443 if base.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise RunError(f"cannot reach W&B at {base.geturl()} ({e.strerror or e}); this machine is offline — compare the local run directories instead: mea-compare RUN_DIR ...") from None
+    api = wandb.Api(timeout=30)
+    paths = []
+    for remote in api.runs(path, filters={"group": group} if group else None):
+        local = cache / remote.id
+        local.mkdir(parents=True, exist_ok=True)
+        rows = [{k: v for k, v in row.items() if not k.startswith("_")} | {"step": row["_step"]} for row in remote.scan_history()]
+        (local / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (local / "summary.json").write_text(json.dumps(dict(remote.summary)))
+        from omegaconf import OmegaConf
+
+        (local / "config.yaml").write_text(OmegaConf.to_yaml({k: v for k, v in remote.config.items() if not k.startswith("_")}))
+        paths.append(local)
+    return paths
+
+
+def best_runs(results: Path) -> list[Path]:
+    """From a sweep: each variant's best-LR run (lowest smoothed train loss, not diverged) at the largest size."""
+    import csv
+
+    if not results.is_file():
+        raise RunError(f"{results} does not exist; give a sweep's results.csv")
+    with open(results) as f:
+        rows = [r for r in csv.DictReader(f) if r["diverged"] != "True"]
+    if not rows:
+        raise RunError(f"{results} holds no finished, non-diverged run")
+    largest = max(rows, key=lambda r: float(r["non_embedding_params"]))["size"]  # variants differ by a few parameters
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["size"] == largest and (r["variant"] not in best or float(r["final_train_loss"]) < float(best[r["variant"]]["final_train_loss"])):
+            best[r["variant"]] = r
+    return [Path(r["run_dir"]) for r in best.values()]
+
+
+def compare(run_dirs: list[Path], out: Path, baseline: str | None, results: Path | None = None, beta: float = 0.9, log_x: bool = False) -> dict:
+    runs = [read_run(p) for p in run_dirs]
+    if not runs:
+        raise RunError("no runs to compare; give run directories, --results or --wandb")
+    groups = by_variant(runs)
+    baseline = baseline or ("mha" if "mha" in groups else next(iter(groups)))
+    if baseline not in groups:
+        raise RunError(f"--baseline {baseline} has no runs; the variants here are {', '.join(groups)}")
+    notes = check_comparable(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(groups, baseline, beta)
+    plots = plot_curves(groups, baseline, out, beta, log_x)
+    if results is not None:
+        plots.append(plot_lr_sensitivity(results, out))
+    (out / "report.md").write_text(markdown(rows, baseline, plots, notes, runs))
+    (out / "report.html").write_text(to_html(rows, baseline, plots, notes))
+    return {"rows": rows, "plots": plots, "notes": notes, "baseline": baseline}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mea-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories")
+    parser.add_argument("--results", type=Path, help="a sweep's results.csv: compare its runs and plot LR sensitivity")
+    parser.add_argument("--wandb", help="ENTITY/PROJECT to read through W&B's public API (online)")
+    parser.add_argument("--group", help="with --wandb: the experiment's group")
+    parser.add_argument("--baseline", help="the variant others are measured against (default: mha)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the training-loss curves")
+    parser.add_argument("--log-x", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        run_dirs = list(args.runs)
+        if args.results and not run_dirs:
+            run_dirs = best_runs(args.results)
+        if args.wandb:
+            run_dirs += wandb_runs(args.wandb, args.group, args.out / "wandb_runs")
+        report = compare(run_dirs, args.out, args.baseline, args.results, args.smoothing, args.log_x)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print((args.out / "report.md").read_text())
+    print(f"wrote {args.out / 'report.md'}, {args.out / 'report.html'} and {len(report['plots'])} plots")
+
+
+if __name__ == "__main__":
+    main()

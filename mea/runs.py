@@ -1,0 +1,43 @@
+"""Reading run directories: the one contract between training, sweeps, compare, export and evaluation
+(see docs/run_directory.md)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mea.config import TrainConfig, load_config
+
+
+class RunError(ValueError):
+    """A run directory that cannot be read; one line naming it and the fix."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: TrainConfig
+    summary: dict
+    rows: list[dict]  # metrics.jsonl
+
+    @property
+    def variant(self) -> str:
+        return self.config.attention.name
+
+    @property
+    def data_key(self) -> str:
+        """The prepared corpus (name and hash of everything that decides its tokens): runs to compare share it."""
+        return self.summary.get("data", "")
+
+
+def read_run(path: Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path} is not a run directory (it does not exist); give the hydra.run.dir of a finished run")
+    missing = [name for name in ("config.yaml", "metrics.jsonl", "summary.json") if not (path / name).is_file()]
+    if missing:
+        raise RunError(f"{path} lacks {', '.join(missing)}: not a finished run; finish it (the same train.py command resumes it) or leave it out")
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        raise RunError(f"{path}/metrics.jsonl is empty; the run logged no step")
+    return Run(path, load_config(path / "config.yaml"), json.loads((path / "summary.json").read_text()), rows)
