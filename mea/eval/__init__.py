@@ -1,0 +1,1 @@
+"""Evaluation: validation perplexity on any data config, and downstream tasks through lm-evaluation-harness."""
