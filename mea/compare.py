@@ -16,13 +16,10 @@ from collections import defaultdict
 from pathlib import Path
 from urllib.parse import urlparse
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mea.runs import Run, RunError, read_run  # noqa: E402
+from mea.plotting import plt, save_figure
+from mea.runs import Run, RunError, read_run
 
 
 def ema(values: list[float], beta: float) -> np.ndarray:
@@ -114,7 +111,7 @@ def plot_curves(groups: dict[str, list[Run]], baseline: str, out: Path, beta: fl
         band(ax, [val_curve(r) for r in runs], f"{variant} val", colors[variant], "o--")
     ax.set(xlabel="tokens", ylabel="loss", title="Loss against tokens", xscale="log" if log_x else "linear")
     ax.legend(fontsize=7)
-    paths = [save(fig, out / "loss_vs_tokens")]
+    paths = [save_figure(fig, out / "loss_vs_tokens")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base_t, base_y = val_curve(groups[baseline][0])
     base = np.mean([np.interp(base_t, *val_curve(r)) for r in groups[baseline]], axis=0)
@@ -124,7 +121,7 @@ def plot_curves(groups: dict[str, list[Run]], baseline: str, out: Path, beta: fl
     ax.axhline(0, color="black", lw=0.5)
     ax.set(xlabel="tokens", ylabel=f"val loss − {baseline}", title=f"Difference to {baseline} (negative is better)", xscale="log" if log_x else "linear")
     ax.legend(fontsize=7)
-    paths.append(save(fig, out / "delta_vs_baseline"))
+    paths.append(save_figure(fig, out / "delta_vs_baseline"))
     return paths
 
 
@@ -144,15 +141,7 @@ def plot_lr_sensitivity(results: Path, out: Path) -> Path:
                     ax.axvline(lr, color=line.get_color(), ls=":", lw=0.8)
         ax.set(xscale="log", xlabel="learning rate", ylabel="final train loss", title=f"{size}: LR sensitivity")
         ax.legend(fontsize=7)
-    return save(fig, out / "lr_sensitivity")
-
-
-def save(fig, stem: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=120)
-    fig.savefig(stem.with_suffix(".svg"))
-    plt.close(fig)
-    return stem.with_suffix(".png")
+    return save_figure(fig, out / "lr_sensitivity")
 
 
 def fmt(x: float, spec: str, suffix: str = "×") -> str:

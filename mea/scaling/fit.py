@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np

@@ -135,7 +135,7 @@ def fit_loss_law_once(n: np.ndarray, d: np.ndarray, loss: np.ndarray, start: np.
         theta = start.clone()[None].requires_grad_(True)
         opt = torch.optim.LBFGS([theta], max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(theta=theta, opt=opt):
             opt.zero_grad()
             value = loss_law_objective(theta, *data, delta).sum()
             value.backward()

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from mea.plotting import plt, save_figure
 
 
 def plot_report(report: dict, out: Path) -> list[Path]:
@@ -30,11 +28,7 @@ def plot_lr_law(report: dict, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set(title=f"{group}: loss against LR (dotted: diverged)", xlabel="learning rate", ylabel="loss")
         ax.legend(fontsize=7)
-    path1 = out / "lr_curves.png"
-    fig.tight_layout()
-    fig.savefig(path1, dpi=120)
-    fig.savefig(path1.with_suffix(".svg"))
-    plt.close(fig)
+    path1 = save_figure(fig, out / "lr_curves")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for group, g in groups.items():
@@ -53,12 +47,7 @@ def plot_lr_law(report: dict, out: Path) -> list[Path]:
                 ax.annotate(name, (p["n"], p["lr"]), fontsize=7)
     ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="optimal LR η*", title="η*(N) and its extrapolation")
     ax.legend(fontsize=7)
-    path2 = out / "lr_law.png"
-    fig.tight_layout()
-    fig.savefig(path2, dpi=120)
-    fig.savefig(path2.with_suffix(".svg"))
-    plt.close(fig)
-    return [path1, path2]
+    return [path1, save_figure(fig, out / "lr_law")]
 
 
 def plot_loss_law(report: dict, out: Path) -> list[Path]:
@@ -71,9 +60,4 @@ def plot_loss_law(report: dict, out: Path) -> list[Path]:
         ax.plot(grid, [law(n, d) for n in grid], color=line.get_color(), lw=1)
     ax.set(xscale="log", xlabel="N", ylabel="loss", title=f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}")
     ax.legend(fontsize=7)
-    path = out / "loss_law.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    fig.savefig(path.with_suffix(".svg"))
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out / "loss_law")]
