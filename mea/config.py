@@ -136,15 +136,24 @@ CHOICES = {
 POSITIVE = ("data.vocab_size", "data.seq_len", "data.shard_tokens", "trainer.max_steps", "trainer.global_batch", "optim.lr")
 
 
-def validate(cfg: DictConfig | Any) -> None:
-    """Raise ConfigError for the first setting that cannot work, before any data or model is touched."""
+def validate(cfg: DictConfig | Any, only: str | None = None) -> None:
+    """Raise ConfigError for the first setting that cannot work, before any data or model is touched.
+
+    only="data" checks the data settings alone (for preparing shards, where no model is involved)."""
     select = lambda key: OmegaConf.select(cfg, key)  # noqa: E731
+    wanted = lambda key: only is None or key.startswith(only + ".")  # noqa: E731
     for key, allowed in CHOICES.items():
-        if select(key) not in allowed:
+        if wanted(key) and select(key) not in allowed:
             raise ConfigError(f"{key}={select(key)!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
     for key in POSITIVE:
-        if not select(key) > 0:
+        if wanted(key) and not select(key) > 0:
             raise ConfigError(f"{key}={select(key)} must be positive")
+    if not 0 < cfg.data.val_share < 1:
+        raise ConfigError(f"data.val_share={cfg.data.val_share} must lie strictly between 0 and 1")
+    if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size < 257:
+        raise ConfigError(f"data.vocab_size={cfg.data.vocab_size} cannot hold the 256 byte tokens and the end-of-document token; use at least 257")
+    if only == "data":
+        return
     try:
         variant_class(cfg.attention.name)
         OmegaConf.to_object(cfg.attention)  # the variant's own checks
@@ -156,12 +165,8 @@ def validate(cfg: DictConfig | Any) -> None:
     tokens = cfg.trainer.global_batch_tokens
     if tokens is not None and (tokens <= 0 or tokens % cfg.data.seq_len):
         raise ConfigError(f"trainer.global_batch_tokens={tokens} is not a positive multiple of data.seq_len={cfg.data.seq_len}")
-    if not 0 < cfg.data.val_share < 1:
-        raise ConfigError(f"data.val_share={cfg.data.val_share} must lie strictly between 0 and 1")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower one or raise the other")
-    if cfg.data.tokenizer == "bpe" and cfg.data.vocab_size < 257:
-        raise ConfigError(f"data.vocab_size={cfg.data.vocab_size} cannot hold the 256 byte tokens and the end-of-document token; use at least 257")
     if cfg.model.vocab_size is not None and cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < cfg.data.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size}; token ids would fall outside the embedding — set model.vocab_size=null")
 

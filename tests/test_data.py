@@ -142,8 +142,19 @@ def test_jsonl_field_and_glob_sources(tmp_path, shakespeare):
         prepare(replace(cfg, text_field="text"))
 
 
-def test_hub_dataset_without_network_says_so(tmp_path):
-    proc = run_cli("data/prepare.py", "data.kind=hub", "data.source=roneneldan/TinyStories", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+def test_parquet_source(tmp_path, shakespeare):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paras = [p for p in shakespeare.read_text().split("\n\n") if p][:300]
+    pq.write_table(pa.table({"text": paras, "n": list(range(len(paras)))}), tmp_path / "docs.parquet")
+    corpus = prepare(DataConfig(name="pq", kind="files", source=str(tmp_path / "docs.parquet"), vocab_size=300, cache_dir=str(tmp_path / "c")))
+    assert corpus.manifest["documents"]["train"] + corpus.manifest["documents"]["val"] == 300
+
+
+@pytest.mark.parametrize("config", ["tinystories", "fineweb_edu", "wikitext103"])
+def test_hub_dataset_without_network_says_so(config):
+    proc = run_cli("data/prepare.py", f"data={config}", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "offline" in proc.stderr and "data.source=PATH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

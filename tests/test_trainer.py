@@ -126,8 +126,8 @@ def test_zero3_kill_and_resume_on_two_processes(tmp_path, single_process):
     assert_curves_close(single_process, tmp_path, rel=1e-4)
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
-    args = [*QUICK, "trainer.max_steps=60", "trainer.checkpoint_every=0"]
+def test_sigterm_saves_a_checkpoint_that_resumes_under_the_same_wandb_run(tmp_path):
+    args = [*[a for a in QUICK if not a.startswith("logger")], "logger.mode=offline", "trainer.max_steps=60", "trainer.checkpoint_every=0"]
     cmd = [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
@@ -142,6 +142,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout
     assert rows(tmp_path)[-1]["step"] == 60
+    wandb_id = checkpoint.read_state(saved)["wandb_id"]
+    assert wandb_id and {p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("wandb/offline-run-*")} == {wandb_id}
 
 
 def plain_engine(tmp_path: Path) -> PlainEngine:
@@ -200,8 +202,11 @@ def test_diverging_run_stops_after_k_bad_steps(tmp_path):
 
 
 def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
-    proc = run_cli("train.py", *[a for a in RUN if not a.startswith("logger")], "logger.mode=offline", "logger.group=exp1", "logger.tags=[a,b]", f"hydra.run.dir={tmp_path}")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {"NETRC": str(tmp_path / "no-netrc")}
+    args = [*[a for a in RUN if not a.startswith("logger")], "logger.mode=online", "logger.group=exp1", "logger.tags=[a,b]", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B has no API key here" in proc.stderr  # online without a key falls back to offline, with one warning
     logged = read_run(tmp_path)
     assert logged["config"]["attention"]["name"] == "mea" and logged["config"]["model"]["name"] == "tiny"
     history = [h for h in logged["history"] if "loss" in h]

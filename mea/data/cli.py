@@ -18,7 +18,7 @@ CONF = str(Path(__file__).resolve().parents[2] / "conf")
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def prepare_main(cfg: DictConfig) -> None:
     try:
-        validate(cfg)
+        validate(cfg, only="data")
         corpus = prepare(OmegaConf.to_object(cfg.data))
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
