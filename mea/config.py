@@ -74,6 +74,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the run directory's latest checkpoint
     resume_from: str | None = None  # or from this checkpoint folder
+    init_from: str | None = None  # start from an exported model (mea-export, mea-compress): its weights, model and attention config
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     peak_tflops: float | None = None  # for MFU on GPU; None = known devices' dense bf16 peak
     log_every: int = 10

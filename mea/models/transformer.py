@@ -22,6 +22,7 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # stored key/value heads; None = n_heads
+    kv_heads_per_layer: list[int] | None = None  # overrides n_kv_heads layer by layer (a compressed model's middle layers)
     vocab_size: int | None = None  # None = the tokenizer's vocabulary
     ffn_multiple_of: int = 64
     max_seq_len: int = 2048
@@ -30,8 +31,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
 
-    @property
-    def kv_heads(self) -> int:
+    def kv_heads(self, layer: int) -> int:
+        if self.kv_heads_per_layer:
+            return self.kv_heads_per_layer[layer]
         return self.n_kv_heads or self.n_heads
 
     @property
@@ -47,9 +49,12 @@ def check_shape(cfg: ModelConfig) -> None:
         raise ValueError(f"model.n_heads={cfg.n_heads} does not divide model.dim={cfg.dim}; choose n_heads among the divisors of dim")
     if (cfg.dim // cfg.n_heads) % 2:
         raise ValueError(f"model.dim/model.n_heads={cfg.dim // cfg.n_heads} is odd; RoPE needs an even head width")
-    if cfg.n_kv_heads is not None and (cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads):
-        allowed = [g for g in range(1, cfg.n_heads + 1) if cfg.n_heads % g == 0]
+    allowed = [g for g in range(1, cfg.n_heads + 1) if cfg.n_heads % g == 0]
+    if cfg.n_kv_heads is not None and cfg.n_kv_heads not in allowed:
         raise ValueError(f"model.n_kv_heads={cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}; allowed: {allowed} or null")
+    if cfg.kv_heads_per_layer is not None:
+        if len(cfg.kv_heads_per_layer) != cfg.n_layers or not set(cfg.kv_heads_per_layer) <= set(allowed):
+            raise ValueError(f"model.kv_heads_per_layer={list(cfg.kv_heads_per_layer)} needs {cfg.n_layers} entries, each dividing model.n_heads={cfg.n_heads} ({allowed})")
 
 
 class RMSNorm(nn.Module):
@@ -79,7 +84,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: AttentionConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = build_attention(attention, HeadShape(cfg.dim, cfg.n_heads, cfg.kv_heads), layer_idx)
+        self.attention = build_attention(attention, HeadShape(cfg.dim, cfg.n_heads, cfg.kv_heads(layer_idx)), layer_idx)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 

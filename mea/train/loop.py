@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model
 from tqdm import tqdm
 
 from mea.config import ConfigError, TrainConfig, validate
 from mea.data import Batches, TokenWindows, prepare, validation_batches
-from mea.models import LM
+from mea.models import LM, ModelConfig, variant_class
 
 from . import checkpoint
 from .engine import Engine, build_engine, describe, setup_distributed
@@ -35,8 +36,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill in what follows from the machine: precision and the global batch in sequences."""
+    """Fill in what follows from the machine (precision, the global batch in sequences) and from an exported
+    model to start from (its model and attention config replace the composed ones)."""
     trainer = cfg.trainer
+    if trainer.init_from is not None:
+        exported = Path(trainer.init_from) / "config.json"
+        if not exported.is_file():
+            raise ConfigError(f"trainer.init_from={trainer.init_from!r} has no config.json; give a folder written by mea-export or mea-compress")
+        saved = json.loads(exported.read_text())
+        cfg = replace(cfg, model=ModelConfig(**saved["model"]), attention=variant_class(saved["attention"]["name"]).Config(**saved["attention"]))
     if trainer.precision == "auto":
         trainer = replace(trainer, precision="bf16" if device.type == "cuda" else "fp32")
     if trainer.global_batch_tokens is not None:
@@ -124,6 +132,8 @@ def run(dict_cfg: DictConfig) -> dict:
     torch.manual_seed(tc.seed)
     model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
     cfg = replace(cfg, model=model.cfg)
+    if tc.init_from is not None and resume_point is None:
+        load_model(model, str(Path(tc.init_from) / "model.safetensors"))
     engine = build_engine(model, cfg, device, micro, world_size)
     train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), tc.global_batch, seed=tc.seed, rank=rank, world_size=world_size)
     val_windows = TokenWindows(corpus.shards("val"), cfg.data.seq_len)
@@ -257,8 +267,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def generate_sample(weights: Path, cfg: TrainConfig, tokenizer, prompt: str, n_tokens: int) -> str:
     """A short generation from the saved weights, on one CPU process whatever the training engine was."""
-    from safetensors.torch import load_model
-
     model = LM(cfg.model, cfg.attention).eval()
     load_model(model, str(weights))
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])

@@ -87,21 +87,26 @@ class ExplicitAttention(MultiHeadAttention):
         if cache is None or self.shape.n_kv_heads == self.shape.n_heads:
             return super().forward(x_BTC, rope, cache)
         q, k0, v0 = self.split_qkv(self.wqkv(x_BTC))
-        k0, v0 = cache.update(rope(k0), v0)
-        return self.wo(merge_heads(self.head_norm(self.absorbed_attention(rope(q), k0, v0))))
+        # The cache keeps the G stored heads side by side, (B, 1, S, G·D): read as one shared head with no copy.
+        k_B1SX, v_B1SX = cache.update(side_by_side(rope(k0)), side_by_side(v0))
+        return self.wo(merge_heads(self.head_norm(self.absorbed_attention(rope(q), k_B1SX, v_B1SX))))
 
-    def absorbed_attention(self, q_BHTD: torch.Tensor, k0_BGSD: torch.Tensor, v0_BGSD: torch.Tensor) -> torch.Tensor:
+    def absorbed_attention(self, q_BHTD: torch.Tensor, k_B1SX: torch.Tensor, v_B1SX: torch.Tensor) -> torch.Tensor:
         """Attention of H queries over G stored heads, side by side as one shared head of width G·D.
 
         q_h · k_h = Σ_g (C_K[g, h] q_h) · k⁰_g   and   A_h v_h = Σ_g C_V[g, h] (A_h v⁰_g).
         """
         B, H, T, D = q_BHTD.shape
-        G, S = k0_BGSD.shape[1], k0_BGSD.shape[2]
+        G = self.hlc_k.shape[0]
         q_BHTX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, H, T, G * D)
-        k_B1SX = k0_BGSD.transpose(1, 2).reshape(B, 1, S, G * D)
-        v_B1SX = v0_BGSD.transpose(1, 2).reshape(B, 1, S, G * D)
         o_BHTGD = causal_attention(q_BHTX, k_B1SX, v_B1SX, scale=default_scale(D)).view(B, H, T, G, D)
         return torch.einsum("bhtgd,gh->bhtd", o_BHTGD, self.hlc_v)
+
+
+def side_by_side(x_BGTD: torch.Tensor) -> torch.Tensor:
+    """(B, G, T, D) -> (B, 1, T, G·D): the G heads of each position next to each other."""
+    B, G, T, D = x_BGTD.shape
+    return x_BGTD.transpose(1, 2).reshape(B, 1, T, G * D)
 
 
 def fold(w_stored_XC: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
