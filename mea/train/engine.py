@@ -90,9 +90,6 @@ class PlainEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def consolidated_state(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
     """DeepSpeed's JSON, derived from the Hydra config. The optimizer stays torch's AdamW (built by mea with
