@@ -41,7 +41,7 @@ class TalkingHeadsAttention(MultiHeadAttention):
             k, v = cache.update(k, v)
         group = self.shape.n_heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        logits_BHTS = (q @ k.transpose(-2, -1)) * default_scale(self.shape.head_dim)
+        logits_BHTS = (q * default_scale(self.shape.head_dim)) @ k.transpose(-2, -1)  # scale the small side
         logits_BHTS = torch.einsum("bhts,hj->bjts", logits_BHTS, self.mix_logits)
         T, S = logits_BHTS.shape[-2:]
         logits_BHTS = logits_BHTS.masked_fill(~causal_mask(T, S, x_BTC.device), float("-inf"))
