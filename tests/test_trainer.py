@@ -209,6 +209,7 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
     assert "W&B has no API key here" in proc.stderr  # online without a key falls back to offline, with one warning
     logged = read_run(tmp_path)
     assert logged["config"]["attention"]["name"] == "mea" and logged["config"]["model"]["name"] == "tiny"
+    assert logged["group"] == "exp1" and logged["tags"] == ["a", "b", "variant:mea", "size:tiny", "lr:0.003", "seed:0"]
     history = [h for h in logged["history"] if "loss" in h]
     assert [h["loss"] for h in history] == [r["loss"] for r in rows(tmp_path)]
     assert logged["summary"]["final_val_loss"] == json.loads((tmp_path / "summary.json").read_text())["final_val_loss"]

@@ -30,12 +30,14 @@ def records(path: Path):
 def read_run(run_dir: Path) -> dict:
     """{'config': {...}, 'history': [{key: value}], 'summary': {...}} of the run's offline log."""
     (log,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out: dict = {"config": {}, "history": [], "summary": {}}
+    out: dict = {"config": {}, "history": [], "summary": {}, "tags": [], "group": None}
     for r in records(log):
         kind = r.WhichOneof("record_type")
         if kind in ("config", "run"):
             update = r.config.update if kind == "config" else r.run.config.update
             out["config"].update({i.key: json.loads(i.value_json) for i in update})
+            if kind == "run":
+                out["tags"], out["group"] = list(r.run.tags), r.run.run_group
         elif kind == "history":
             out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
         elif kind == "summary":

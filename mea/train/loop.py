@@ -145,7 +145,8 @@ def run(dict_cfg: DictConfig) -> dict:
     params = model.parameter_counts()
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     run_name = f"{cfg.attention.name}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
-    metrics = MetricsLogger(run_dir, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"])
+    tags = (f"variant:{cfg.attention.name}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{tc.seed}")  # W&B filters by these
+    metrics = MetricsLogger(run_dir, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"], tags=tags)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))

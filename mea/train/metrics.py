@@ -43,7 +43,8 @@ def truncate_after(path: Path, step: int) -> None:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, run_name: str, config: dict, enabled: bool = True, resume_step: int = 0, wandb_id: str | None = None):
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, run_name: str, config: dict, enabled: bool = True, resume_step: int = 0, wandb_id: str | None = None,
+                 tags: tuple[str, ...] = ()):
         self.enabled = enabled
         self.wandb_run = None
         if not enabled:
@@ -60,7 +61,7 @@ class MetricsLogger:
             warnings.warn("W&B has no API key here (WANDB_API_KEY or `wandb login`); logging offline — `wandb sync` uploads it later", stacklevel=2)
             mode = "offline"
         init = dict(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or run_name, tags=list(cfg.tags),
+            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or run_name, tags=[*cfg.tags, *tags],
             config=config, dir=str(run_dir), id=wandb_id, resume="allow" if wandb_id else None,
         )
         try:
