@@ -113,6 +113,11 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run_dir: str = MISSING
+    arm: str | None = None  # the name this run is compared under (default: attention.name), e.g. diff_nonorm
+
+    @property
+    def label(self) -> str:
+        return self.arm or self.attention.name
 
 
 def register_configs() -> None:

@@ -22,7 +22,8 @@ class Run:
 
     @property
     def variant(self) -> str:
-        return self.config.attention.name
+        """The arm the run is compared under (attention.name unless `arm` was set)."""
+        return self.config.label
 
     @property
     def data_key(self) -> str:

@@ -45,14 +45,18 @@ class SweepSize:
 @dataclass
 class SweepSpec:
     name: str
-    variants: list[str]
     sizes: list[SweepSize]
     lr_min: float
     lr_max: float
     lr_points: int
+    variants: list[str] = field(default_factory=list)  # attention variants, each an arm of its own name
+    arms: dict[str, list[str]] = field(default_factory=dict)  # or named arms: label -> overrides (diff_nonorm: [attention=diff, attention.norm=false])
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)  # given to every run
     out: str = "runs/sweeps/${name}"
+
+    def arm_overrides(self) -> dict[str, list[str]]:
+        return dict(self.arms) if self.arms else {v: [f"attention={v}"] for v in self.variants}
 
 
 class SweepError(ValueError):
@@ -66,6 +70,8 @@ def load_spec(path: Path) -> SweepSpec:
         spec: SweepSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path)))
     except OmegaConfBaseException as e:
         raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not spec.arm_overrides():
+        raise SweepError(f"{path}: name the variants (variants: [mha, mea]) or the arms (arms: {{label: [overrides]}}) to sweep")
     labels = [size.label for size in spec.sizes]
     if len(set(labels)) < len(labels):
         raise SweepError(f"{path}: two sizes share the label {max(labels, key=labels.count)!r}; give each a distinct name")
@@ -89,15 +95,14 @@ def compose_run(overrides: list[str]):
     return cfg
 
 
-def multirun_command(spec: SweepSpec, size: SweepSize, out: Path, slurm: bool) -> list[str]:
-    """One Hydra multirun per size: variants × LRs × seeds, with the step count that spends the token budget."""
-    base = [f"model={size.model}", *spec.overrides, *size.overrides, f"model.name={size.label}"]
-    cfg = compose_run([f"attention={spec.variants[0]}", *base])
-    tokens_per_step = (cfg.trainer.global_batch_tokens or cfg.trainer.global_batch * cfg.data.seq_len)
+def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: list[str], out: Path, slurm: bool) -> list[str]:
+    """One Hydra multirun per size and arm: LRs × seeds, with the step count that spends the token budget."""
+    base = [f"model={size.model}", *spec.overrides, *size.overrides, f"model.name={size.label}", *arm_overrides, f"arm={arm}"]
+    cfg = compose_run(base)
+    tokens_per_step = cfg.trainer.global_batch_tokens or cfg.trainer.global_batch * cfg.data.seq_len
     steps = max(1, math.ceil(size.tokens / tokens_per_step))
     return [
         sys.executable, str(ROOT / "train.py"), "--multirun",
-        f"attention={','.join(spec.variants)}",
         f"optim.lr={','.join(map(str, lr_grid(spec)))}",
         f"trainer.seed={','.join(map(str, spec.seeds))}",
         *base,
@@ -105,7 +110,7 @@ def multirun_command(spec: SweepSpec, size: SweepSize, out: Path, slurm: bool) -
         f"trainer.eval_every={steps}",
         f"logger.group={spec.name}",
         f"hydra.sweep.dir={out / size.label}",
-        "hydra.sweep.subdir=${attention.name}/lr${optim.lr}-s${trainer.seed}",
+        f"hydra.sweep.subdir={arm}/lr${{optim.lr}}-s${{trainer.seed}}",
         *(["hydra/launcher=slurm"] if slurm else []),
     ]
 
@@ -125,7 +130,7 @@ def result_row(run_dir: Path) -> dict:
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     diverged = bool(summary.get("diverged")) or not math.isfinite(loss) or loss > first  # no better than at the start
     return {
-        "variant": cfg.attention.name, "size": cfg.model.name, "params": summary["params"], "non_embedding_params": summary["non_embedding_params"],
+        "variant": cfg.label, "size": cfg.model.name, "params": summary["params"], "non_embedding_params": summary["non_embedding_params"],
         "layers": cfg.model.n_layers, "width": cfg.model.dim, "tokens": summary["tokens"], "batch_tokens": cfg.trainer.global_batch * cfg.data.seq_len,
         "lr": cfg.optim.lr, "seed": cfg.trainer.seed, "final_train_loss": loss, "final_val_loss": summary["final_val_loss"], "diverged": diverged,
         "wall_time_s": summary["wall_time_s"], "run_dir": str(run_dir),
@@ -144,6 +149,23 @@ def collect(out: Path) -> Path:
     return out / "results.csv"
 
 
+def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False) -> Path | None:
+    """Run (or resume) every multirun of the spec, then write results.csv; returns its path (None for a dry run)."""
+    out = Path(spec.out)
+    jobs = [(f"{size.label}/{arm}", multirun_command(spec, size, arm, overrides, out, slurm)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
+    if dry_run:
+        for _, command in jobs:
+            print(" ".join(command))
+        return None
+    failed = [label for label, command in jobs if not collect_only and subprocess.call(command, cwd=ROOT) != 0]
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(out)
+    print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
+    if failed:
+        raise SweepError(f"the multiruns of {', '.join(failed)} failed; run the same command again to resume them")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mea-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
@@ -152,27 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the multirun commands")
     args = parser.parse_args(argv)
     try:
-        spec = load_spec(args.spec)
-        out = Path(spec.out)
-        commands = [multirun_command(spec, size, out, args.slurm) for size in spec.sizes]
+        run_sweep(load_spec(args.spec), args.slurm, args.collect_only, args.dry_run)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    failed = []
-    for size, command in zip(spec.sizes, commands):
-        if args.dry_run:
-            print(" ".join(command))
-            continue
-        if not args.collect_only and subprocess.call(command, cwd=ROOT) != 0:
-            failed.append(size.label)
-    if args.dry_run:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    results = collect(out)
-    print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
-    if failed:
-        print(f"error: the multirun of {', '.join(failed)} failed; run the same command again to resume it", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -144,13 +144,13 @@ def run(dict_cfg: DictConfig) -> dict:
     start_step = state["step"]
     params = model.parameter_counts()
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    run_name = f"{cfg.attention.name}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
-    tags = (f"variant:{cfg.attention.name}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{tc.seed}")  # W&B filters by these
+    run_name = f"{cfg.label}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
+    tags = (f"variant:{cfg.label}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{tc.seed}")  # W&B filters by these
     metrics = MetricsLogger(run_dir, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"], tags=tags)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        print(f"{cfg.attention.name} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) · {describe(engine)} · {world_size} process(es) on {device}")
+        print(f"{cfg.label} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) · {describe(engine)} · {world_size} process(es) on {device}")
         if resume_point is not None:
             print(f"resuming from {resume_point} at step {state['step']}")
 
@@ -180,7 +180,7 @@ def run(dict_cfg: DictConfig) -> dict:
             if bad_in_a_row >= tc.max_bad_steps:
                 kept = checkpoint.checkpoints(run_dir)
                 if rank == 0:  # a diverged run is a result too (an LR sweep records it), not a crash to retry
-                    write_json(run_dir / "summary.json", {"variant": cfg.attention.name, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
+                    write_json(run_dir / "summary.json", {"variant": cfg.label, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
                                                           "params": params["total"], "non_embedding_params": params["non_embedding"], "final_train_loss": float("nan"),
                                                           "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir)})
                 raise TrainingError(
@@ -226,7 +226,7 @@ def run(dict_cfg: DictConfig) -> dict:
         (run_dir / "model.safetensors").write_bytes((final / "model.safetensors").read_bytes())
         wall = wall_before + time.perf_counter() - start_time
         summary = {
-            "variant": cfg.attention.name,
+            "variant": cfg.label,
             "model": cfg.model.name,
             "params": params["total"],
             "non_embedding_params": params["non_embedding"],
