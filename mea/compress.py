@@ -71,6 +71,21 @@ def compress(model: LM, kv_heads: int, layers: list[int] | None = None) -> tuple
     return target, report
 
 
+def write_compressed(model: LM, report: list[dict], source: Path, out: Path) -> Path:
+    """An export folder (weights, config, the source's tokenizer) plus compression.json, written atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({"format": 1, "model": asdict(model.cfg), "attention": asdict(model.attention_cfg)}, indent=1))
+    if (source / "tokenizer.json").is_file():
+        shutil.copy(source / "tokenizer.json", tmp / "tokenizer.json")
+    (tmp / "compression.json").write_text(json.dumps({"source": str(source), "layers": report}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
 def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
     if text is None:
         return None
@@ -96,16 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(compressed, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"format": 1, "model": asdict(compressed.cfg), "attention": asdict(compressed.attention_cfg)}, indent=1))
-    if (args.source / "tokenizer.json").is_file():
-        shutil.copy(args.source / "tokenizer.json", tmp / "tokenizer.json")
-    (tmp / "compression.json").write_text(json.dumps({"source": str(args.source), "layers": report}, indent=1))
-    shutil.rmtree(args.out, ignore_errors=True)
-    tmp.rename(args.out)
+    write_compressed(compressed, report, args.source, args.out)
     for row in report:
         print(f"layer {row['layer']:3d}: {row['kv_heads']} KV heads, relative error keys {row['key_error']:.4f}, values {row['value_error']:.4f}")
     print(f"wrote {args.out}")

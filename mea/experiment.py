@@ -1,0 +1,203 @@
+"""`mea-experiment`: the paper's protocol as one resumable command — LR sweeps, LR laws, from-scratch runs at
+each arm's predicted LR with several seeds, KV-cache compression with recovery, a second corpus, the report.
+
+    mea-experiment sweeps/paper_small.yaml      # run it (again: every finished step is skipped)
+
+Every number of the report comes from the runs this command makes; the report is written to `report`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mea.compare import compare
+from mea.compress import compress, parse_layers, write_compressed
+from mea.eval.perplexity import evaluate
+from mea.export import export, load_pretrained
+from mea.kv_report import kv_bytes_per_token
+from mea.models import LM
+from mea.models.attention.mha import MHAConfig
+from mea.scaling.sweep import ROOT, SweepError, SweepSpec, compose_run, run_sweep
+
+
+@dataclass
+class Target:
+    name: str
+    tokens: int
+    model: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class Compression:
+    arm: str = "mea"
+    kv_heads: int = 2
+    layer_sets: dict[str, str] = field(default_factory=lambda: {"all": "all", "middle": "middle"})
+    recover_share: float = 0.1  # continued pretraining, as a share of the target's tokens
+    lr_scale: float = 0.3  # recovery LR as a share of the arm's LR
+
+
+@dataclass
+class Protocol:
+    name: str
+    sweep: SweepSpec
+    target: Target
+    compression: Compression = field(default_factory=Compression)
+    second_corpus: list[str] = field(default_factory=list)  # overrides of the data config for the repeat
+    baseline: str = "mha"
+    margin: float = 0.01
+    out: str = "runs/experiments/${name}"
+    report: str = "docs/results/${name}.md"
+
+
+def load_protocol(path: Path) -> Protocol:
+    if not path.is_file():
+        raise SweepError(f"{path} does not exist; give an experiment spec such as sweeps/paper_small.yaml")
+    try:
+        raw = OmegaConf.load(path)
+        raw.sweep.name = raw.get("name")
+        raw.sweep.out = f"{raw.get('out', f'runs/experiments/{raw.name}')}/sweep"
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Protocol), raw))
+    except OmegaConfBaseException as e:
+        raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
+
+
+def train(run_dir: Path, overrides: list[str]) -> dict:
+    """One training run as a subprocess (resumes or skips by itself); its summary."""
+    if not (run_dir / "summary.json").is_file() or "diverged" in json.loads((run_dir / "summary.json").read_text()):
+        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
+        if code != 0 and not (run_dir / "summary.json").is_file():
+            raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str]) -> list[str]:
+    base = [f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, f"model.name={p.target.name}", *p.sweep.arm_overrides()[arm], f"arm={arm}", *data]
+    cfg = compose_run(base)
+    steps = max(1, math.ceil(p.target.tokens / (cfg.trainer.global_batch * cfg.data.seq_len)))
+    return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={p.name}"]
+
+
+def target_size(p: Protocol) -> float:
+    cfg = OmegaConf.to_object(compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides]).model)
+    cfg.vocab_size = 8  # non-embedding parameters do not depend on it
+    with torch.device("meta"):
+        return float(LM(cfg, MHAConfig()).parameter_counts()["non_embedding"])
+
+
+def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
+    """Each arm's LR for the target: its law's prediction, else its best swept LR at the largest size (said so)."""
+    import csv
+
+    with open(results) as f:
+        rows = [r for r in csv.DictReader(f) if r["diverged"] != "True"]
+    out = {}
+    for arm in p.sweep.arm_overrides():
+        law = fit["groups"].get(arm, {})
+        if "predictions" in law:
+            pred = next(iter(law["predictions"].values()))  # the one target: this protocol's target size
+            out[arm] = {"lr": pred["lr"], "ci": pred["lr_ci"], "source": f"η*(N) = {law['a']:.3g}·N^{law['b']:.3f}"}
+        else:
+            mine = [r for r in rows if r["variant"] == arm]
+            if not mine:
+                raise SweepError(f"arm {arm}: every sweep run diverged and no law was fitted; lower the LR grid")
+            largest = max(float(r["non_embedding_params"]) for r in mine)
+            best = min((r for r in mine if float(r["non_embedding_params"]) == largest), key=lambda r: float(r["final_train_loss"]))
+            out[arm] = {"lr": float(best["lr"]), "ci": None, "source": f"no law ({law.get('message', 'no optimum')}); best swept LR at the largest size"}
+    return out
+
+
+@torch.no_grad()
+def decode_ms(model: LM, batch: int = 4, prompt: int = 256, tokens: int = 32) -> float:
+    """Milliseconds per generated token after a prompt, KV-cached."""
+    ids = torch.randint(0, model.cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    model.generate(ids[:, :8], 2, temperature=0)
+    start = time.perf_counter()
+    model.generate(ids, tokens, temperature=0)
+    return (time.perf_counter() - start) / tokens * 1e3
+
+
+def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str], lr: float) -> list[dict]:
+    """Convert the target-size run to G stored heads per layer set, recover by continued pretraining, measure."""
+    data = [o for o in common if o.startswith("data")]
+    exported = out / "exported"
+    if not (exported / "config.json").is_file():
+        export(source_run, exported)
+    full, _ = load_pretrained(exported)
+    rows = [{"setting": "uncompressed", "val_after_conversion": evaluate(exported, data)["val_loss"], "val_after_recovery": None,
+             "kv_bytes_per_token": kv_bytes_per_token(full.cfg, 2), "decode_ms": decode_ms(full)}]
+    steps_total = json.loads((source_run / "summary.json").read_text())["steps"]
+    for name, layers in p.compression.layer_sets.items():
+        folder = out / name
+        if not (folder / "config.json").is_file():
+            model, report = compress(full, p.compression.kv_heads, None if layers == "all" else parse_layers(layers, full.cfg.n_layers))
+            write_compressed(model, report, exported, folder)
+        compressed, _ = load_pretrained(folder)
+        recover_steps = max(1, round(p.compression.recover_share * steps_total))
+        train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
+                                                   f"trainer.eval_every={recover_steps}", f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
+                                                   f"arm={p.compression.arm}-kv{p.compression.kv_heads}-{name}", "scheduler.warmup_steps=1"])
+        recovered = out / f"{name}-recovered"
+        if not (recovered / "config.json").is_file():
+            export(out / f"{name}-recover", recovered)
+        rows.append({"setting": f"G = {p.compression.kv_heads}, {name} layers", "val_after_conversion": evaluate(folder, data)["val_loss"],
+                     "val_after_recovery": evaluate(recovered, data)["val_loss"], "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
+                     "decode_ms": decode_ms(compressed), "recover_steps": recover_steps})
+    return rows
+
+
+def run(p: Protocol) -> Path:
+    started = time.perf_counter()
+    out = Path(p.out)
+    results = run_sweep(p.sweep)
+    from mea.scaling.fit import main as fit_main
+
+    fit_dir = out / "fit"
+    n_target = target_size(p)
+    fit_main(["lr-law", str(results), "--out", str(fit_dir), "--target", f"{n_target:g}", "--lr-conf-dir", str(out / "lr"), "--margin", str(p.margin)])
+    fit = json.loads((fit_dir / "fit.json").read_text())
+    lrs = chosen_lrs(p, fit, results)
+    corpora = {"main": []} | ({"second": p.second_corpus} if p.second_corpus else {})
+    comparisons = {}
+    for corpus, data in corpora.items():
+        dirs = []
+        for arm, chosen in lrs.items():
+            for seed in p.target.seeds:
+                run_dir = out / f"compare-{corpus}" / arm / f"s{seed}"
+                train(run_dir, target_overrides(p, arm, chosen["lr"], seed, data))
+                dirs.append(run_dir)
+        comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
+    common = [*p.sweep.overrides, *p.target.overrides]
+    source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
+    compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
+    from .report import write_report
+
+    return write_report(p, fit, lrs, comparisons, compression, time.perf_counter() - started, Path(p.report))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mea-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        path = run(load_protocol(args.spec))
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {path} ({platform.node()})")
+
+
+if __name__ == "__main__":
+    main()

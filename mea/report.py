@@ -1,0 +1,130 @@
+"""The experiment report (docs/results/<name>.md): tables and plots from the runs, and a reading of the
+paper's claims against them. Every number is read from the runs' files; nothing is typed in."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mea.plotting import plt, save_figure
+
+
+def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
+    if not math.isfinite(delta):
+        return "not measured"
+    if se > 0 and abs(delta) <= 2 * se:
+        return "within noise (|Δ| ≤ 2 standard errors)"
+    return "agrees" if (delta < 0) == better_if_negative else "disagrees"
+
+
+def row_of(rows: list[dict], arm: str) -> dict | None:
+    return next((r for r in rows if r["variant"] == arm), None)
+
+
+def standard_error(a: dict, b: dict) -> float:
+    return math.sqrt(a["final_val_loss_std"] ** 2 / a["seeds"] + b["final_val_loss_std"] ** 2 / b["seeds"])
+
+
+def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict]) -> list[str]:
+    out = []
+    base = row_of(rows, p.baseline)
+    mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
+    if "mea" in lrs and p.baseline in lrs:
+        ratio = lrs["mea"]["lr"] / lrs[p.baseline]["lr"]
+        widths = {arm: [s["sensitivity_decades"] for s in g["sizes"] if "sensitivity_decades" in s] for arm, g in fit["groups"].items()}
+        mean = {arm: sum(w) / len(w) for arm, w in widths.items() if w}
+        width_text = f"; mean LR range within {p.margin:.0%} of the optimum: mea {mean.get('mea', math.nan):.2f} vs {p.baseline} {mean.get(p.baseline, math.nan):.2f} decades"
+        out.append(f"**MEA tolerates larger learning rates.** At the target size mea's LR is {ratio:.2f}× {p.baseline}'s{width_text}. "
+                   f"{'Agrees' if ratio > 1 and mean.get('mea', 0) >= mean.get(p.baseline, math.inf) else 'Partly agrees' if ratio > 1 or mean.get('mea', 0) >= mean.get(p.baseline, math.inf) else 'Disagrees'} at this scale.")
+    if mea and base:
+        delta = mea["final_val_loss"] - base["final_val_loss"]
+        out.append(f"**MEA reaches a lower validation loss than the Transformer.** Δ = {delta:+.4f} ({mea['seeds']} vs {base['seeds']} seeds): {verdict(delta, standard_error(mea, base))}.")
+    if gn and mea and base:
+        d_gn, d_mea = gn["final_val_loss"] - base["final_val_loss"], mea["final_val_loss"] - base["final_val_loss"]
+        share = d_gn / d_mea if d_mea else math.nan
+        out.append(f"**+GroupNorm alone carries part of the gain.** Δ(mha_gn) = {d_gn:+.4f} against Δ(mea) = {d_mea:+.4f} (share {share:.2f}): "
+                   f"{'agrees' if d_mea < 0 and 0 < share < 1 else 'does not show here'} ({verdict(d_gn, standard_error(gn, base))} for mha_gn alone).")
+    diff, nonorm = row_of(rows, "diff"), row_of(rows, "diff_nonorm")
+    if diff and nonorm and base:
+        gap, gap_nonorm = diff["final_val_loss"] - base["final_val_loss"], nonorm["final_val_loss"] - base["final_val_loss"]
+        out.append(f"**DFA without its norm drifts toward standard attention.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
+                   f"{'agrees' if abs(gap_nonorm) < abs(gap) else 'disagrees'} (the loss of diff without norm is {'closer to' if abs(gap_nonorm) < abs(gap) else 'further from'} the baseline's).")
+    if len(compression) > 1:
+        full = compression[0]["val_after_conversion"]
+        parts = [f"{c['setting']}: {c['val_after_conversion'] - full:+.4f} right after conversion, {c['val_after_recovery'] - full:+.4f} after recovery, "
+                 f"{c['kv_bytes_per_token'] / compression[0]['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
+        out.append("**A 50% KV cache costs little after continued pretraining.** Against the uncompressed model: " + "; ".join(parts) + ".")
+    return out
+
+
+def table(rows: list[dict], baseline: str) -> list[str]:
+    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | tokens to {baseline}'s loss | tokens/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "–" if not math.isfinite(r["tokens_to_baseline_ratio"]) else f"{r['tokens_to_baseline_ratio']:.2f}×"
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {ratio} | {r['tokens_per_s']:,.0f} |")
+    return lines
+
+
+def recovery_plot(out: Path, compression_dir: Path, full_val: float) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in sorted(compression_dir.glob("*-recover")):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], label=f"{run.name} train")
+        val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        ax.plot(*zip(*val), "o", label=f"{run.name} val")
+    ax.axhline(full_val, color="black", ls="--", lw=0.8, label="uncompressed val")
+    ax.set(xlabel="tokens of continued pretraining", ylabel="loss", title="Recovery after conversion to G stored heads")
+    ax.legend(fontsize=7)
+    return save_figure(fig, out / "compression_recovery")
+
+
+def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[dict], wall_s: float, path: Path) -> Path:
+    out = Path(p.out)
+    assets = path.with_suffix("")
+    assets.mkdir(parents=True, exist_ok=True)
+    plots = [out / "fit" / "lr_curves.png", out / "fit" / "lr_law.png", *comparisons["main"]["plots"]]
+    plots += [recovery_plot(assets, out / "compression", compression[0]["val_after_conversion"])]
+    for corpus, comp in comparisons.items():
+        if corpus != "main":
+            for plot in comp["plots"]:
+                shutil.copy(plot, assets / f"{corpus}_{plot.name}")
+    for plot in plots:
+        if plot.parent != assets:
+            shutil.copy(plot, assets / plot.name)
+    rel = lambda name: f"{assets.name}/{name}"  # noqa: E731
+    lines = [f"# {p.name}: the paper's claims at small scale", "",
+             f"Made by `mea-experiment` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads · wall time of this sitting {wall_s / 60:.1f} min (finished steps are skipped on a re-run).", "",
+             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression)]
+    lines += ["", "## LR laws", "", "| arm | a | b (95% interval) | LR at the target (95% interval) | source |", "|---|---|---|---|---|"]
+    for arm, chosen in lrs.items():
+        g = fit["groups"].get(arm, {})
+        ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"
+        law = (f"{g['a']:.4g}", f"{g['b']:.3f} ({g['b_ci'][0]:.3f} – {g['b_ci'][1]:.3f})") if "a" in g else ("–", "–")
+        lines.append(f"| {arm} | {law[0]} | {law[1]} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
+    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in next(iter(fit["groups"].values()))["sizes"]) + " |",
+              "|---|" + "---|" * len(next(iter(fit["groups"].values()))["sizes"])]
+    for arm, g in fit["groups"].items():
+        lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["sizes"]) + " |")
+    lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "", "## From-scratch comparison", ""]
+    for corpus, comp in comparisons.items():
+        lines += [f"### {'main corpus' if corpus == 'main' else 'second corpus'}", ""] + table(comp["rows"], comp["baseline"]) + [""]
+        prefix = "" if corpus == "main" else f"{corpus}_"
+        lines += [f"![loss]({rel(prefix + 'loss_vs_tokens.png')}) ![delta]({rel(prefix + 'delta_vs_baseline.png')})", ""]
+        if comp["notes"]:
+            lines += [f"> {n}" for n in comp["notes"]] + [""]
+    lines += ["## KV-cache compression", "", "| setting | val loss after conversion | after recovery | KV bytes/token (bf16) | decode ms/token (CPU, batch 4) |", "|---|---|---|---|---|"]
+    for c in compression:
+        rec = "–" if c.get("val_after_recovery") is None else f"{c['val_after_recovery']:.4f}"
+        lines.append(f"| {c['setting']} | {c['val_after_conversion']:.4f} | {rec} | {c['kv_bytes_per_token']:,} | {c['decode_ms']:.2f} |")
+    lines += ["", f"![recovery]({rel('compression_recovery.png')})", "", "## Scaling up", "",
+              "The same spec runs at GPU scale by overrides: larger `sweep.sizes` (model presets 25m–350m), `target.model=1.3b`, token budgets ×1000, "
+              "`data=fineweb_edu`, `deepspeed=zero2`, and `mea-sweep --slurm` for the sweep's job arrays.", ""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
