@@ -76,7 +76,7 @@ def load_protocol(path: Path) -> Protocol:
 
 def train(run_dir: Path, overrides: list[str]) -> dict:
     """One training run as a subprocess (resumes or skips by itself); its summary."""
-    if not (run_dir / "summary.json").is_file() or "diverged" in json.loads((run_dir / "summary.json").read_text()):
+    if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
         code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
         if code != 0 and not (run_dir / "summary.json").is_file():
             raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
