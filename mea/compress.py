@@ -11,16 +11,13 @@ is C' = (U_G S_G)ᵀ (G × H). It is exact when M already has rank ≤ G. The KV
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
-from mea.export import load_pretrained
+from mea.export import load_pretrained, write_model_folder
 from mea.models import LM
 from mea.models.attention.mea import ExplicitAttention, MEAConfig, grouped_identity
 from mea.runs import RunError
@@ -72,18 +69,8 @@ def compress(model: LM, kv_heads: int, layers: list[int] | None = None) -> tuple
 
 
 def write_compressed(model: LM, report: list[dict], source: Path, out: Path) -> Path:
-    """An export folder (weights, config, the source's tokenizer) plus compression.json, written atomically."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"format": 1, "model": asdict(model.cfg), "attention": asdict(model.attention_cfg)}, indent=1))
-    if (source / "tokenizer.json").is_file():
-        shutil.copy(source / "tokenizer.json", tmp / "tokenizer.json")
-    (tmp / "compression.json").write_text(json.dumps({"source": str(source), "layers": report}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    """An export folder of the compressed model, with the source's tokenizer and compression.json."""
+    return write_model_folder(model, source / "tokenizer.json", out, {"compression.json": {"source": str(source), "layers": report}})
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int] | None:

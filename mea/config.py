@@ -7,6 +7,7 @@ attention variant's config class is `schema/attention/<name>`, which `conf/atten
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -175,6 +176,20 @@ def validate(cfg: DictConfig | Any, only: str | None = None) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; lower one or raise the other")
     if cfg.model.vocab_size is not None and cfg.data.tokenizer == "bpe" and cfg.model.vocab_size < cfg.data.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size}; token ids would fall outside the embedding — set model.vocab_size=null")
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The training config train.py would compose from these overrides, validated (outside a Hydra app)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, "run_dir=unused"])
+    validate(cfg)
+    return cfg
 
 
 def load_config(path) -> TrainConfig:

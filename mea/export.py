@@ -49,13 +49,20 @@ def export(source: Path, out: Path) -> Path:
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise RunError(f"the weights in {weights} do not fit its model config ({detail}); export the run the weights came from") from None
+    return write_model_folder(model, tokenizer, out)
+
+
+def write_model_folder(model: LM, tokenizer: Path | None, out: Path, extra: dict[str, dict] | None = None) -> Path:
+    """An export folder: weights, config.json, the tokenizer and any extra JSON files, renamed into place when complete."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"format": 1, "model": model_cfg, "attention": attention_cfg}, indent=1))
-    if tokenizer is not None:
+    (tmp / "config.json").write_text(json.dumps({"format": 1, "model": asdict(model.cfg), "attention": asdict(model.attention_cfg)}, indent=1))
+    if tokenizer is not None and tokenizer.is_file():
         shutil.copy(tokenizer, tmp / "tokenizer.json")
+    for name, data in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(data, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

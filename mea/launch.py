@@ -20,10 +20,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mea.config import ConfigError, register_configs, validate
+from mea.config import ConfigError, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
@@ -51,13 +50,11 @@ def train_args(overrides: list[str], run_dir: str) -> list[str]:
 
 def check_batch(overrides: list[str], shape: Shape, run_dir: str):
     """Compose the training config as train.py will, and refuse a shape its batch settings cannot split."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
     try:
-        validate(cfg)
+        cfg = compose_config(overrides)
     except ConfigError as e:
         raise LaunchError(str(e)) from None
+    cfg.run_dir = run_dir
     tc = cfg.trainer
     global_batch = tc.global_batch_tokens // cfg.data.seq_len if tc.global_batch_tokens else tc.global_batch
     micro = tc.micro_batch or global_batch // shape.world_size

@@ -12,24 +12,18 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mea.config import ConfigError, register_configs, validate
+from mea.config import ConfigError, compose_config
 from mea.data import DataError, TokenWindows, prepare, validation_batches
 from mea.export import load_pretrained
 from mea.runs import RunError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @torch.no_grad()
 def evaluate(model_dir: Path, overrides: list[str], max_windows: int = 256, batch_size: int = 8) -> dict:
     model, _ = load_pretrained(model_dir)
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"data.tokenizer={model_dir.resolve() / 'tokenizer.json'}", "run_dir=unused"])
-    validate(cfg)
+    cfg = compose_config([*overrides, f"data.tokenizer={model_dir.resolve() / 'tokenizer.json'}"])
     data = OmegaConf.to_object(cfg.data)
     corpus = prepare(data, log=lambda _: None)
     windows = TokenWindows(corpus.shards("val"), min(data.seq_len, model.cfg.max_seq_len))

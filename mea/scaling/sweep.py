@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mea.config import ConfigError, load_config, register_configs, validate
+from mea.config import ConfigError, compose_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
@@ -85,14 +84,10 @@ def lr_grid(spec: SweepSpec) -> list[float]:
 
 
 def compose_run(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "run_dir=unused"])
     try:
-        validate(cfg)
+        return compose_config(overrides)
     except ConfigError as e:
         raise SweepError(str(e)) from None
-    return cfg
 
 
 def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: list[str], out: Path, slurm: bool) -> list[str]:
