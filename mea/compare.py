@@ -2,7 +2,8 @@
 
     mea-compare runs/a runs/b runs/c --baseline mha --out report/
     mea-compare --results runs/sweeps/example/results.csv --out report/     # every run of a sweep, plus LR curves
-    mea-compare --wandb my-entity/mea --group exp1 --out report/            # through W&B's public API (online)
+    mea-compare --wandb my-entity/mea --group exp1 --out report/            # through W&B's public API (online), and
+                                                                            # saves a W&B workspace of the group's curves
 """
 from __future__ import annotations
 
@@ -252,8 +253,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.results and not run_dirs:
             run_dirs = best_runs(args.results)
         if args.wandb:
+            if args.wandb.count("/") != 1:
+                raise RunError(f"--wandb {args.wandb}: give ENTITY/PROJECT, for example --wandb my-team/mea")
             run_dirs += wandb_runs(args.wandb, args.group, args.out / "wandb_runs")
         report = compare(run_dirs, args.out, args.baseline, args.results, args.smoothing, args.log_x)
+        if args.wandb:
+            from mea.workspace import save_workspace
+
+            print(f"saved the W&B workspace {save_workspace(args.wandb, args.group, args.smoothing)}")
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -94,3 +94,20 @@ def test_export_refuses_weights_of_another_shape(runs, tmp_path):
     proc = run_cli("-m", "mea.export", str(fake), str(tmp_path / "o"))
     assert proc.returncode == 2 and "do not fit its model config" in proc.stderr and "blocks.3" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_wandb_workspace_plots_what_the_runs_log(runs):
+    """The saved workspace (built here; saving it needs W&B online) filters to the group, groups by arm, and every
+    panel's axis and metric is a key the trainer logs, as the arm is a key of the run's config."""
+    from mea.workspace import comparison_workspace
+
+    view = comparison_workspace("team/mea", "exp1")._to_model().model_dump(by_alias=True, exclude_none=True)
+    runset = view["spec"]["section"]["runSets"][0]
+    assert runset["filters"]["filters"] == [{"key": {"section": "run", "name": "group"}, "op": "=", "value": "exp1", "disabled": False}]
+    assert runset["grouping"] == [{"section": "config", "name": "arm.value"}]
+    logged = set().union(*(row.keys() for row in metrics(runs["mea-0"])))
+    panels = [p["config"] for s in view["spec"]["section"]["panelBankConfig"]["sections"] for p in s["panels"]]
+    assert {p["chartTitle"] for p in panels} >= {"training loss", "validation loss"}
+    for panel in panels:
+        assert panel["xAxis"] in logged and set(panel["metrics"]) <= logged, panel
+    assert load_config(runs["mea-0"] / "config.yaml").arm == "mea"

@@ -131,7 +131,7 @@ def run(dict_cfg: DictConfig) -> dict:
         corpus = prepare(cfg.data, log=lambda _: None)
     torch.manual_seed(tc.seed)
     model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
-    cfg = replace(cfg, model=model.cfg)
+    cfg = replace(cfg, model=model.cfg, arm=cfg.label)  # W&B groups runs by config.arm
     if tc.init_from is not None and resume_point is None:
         load_model(model, str(Path(tc.init_from) / "model.safetensors"))
     engine = build_engine(model, cfg, device, micro, world_size)
