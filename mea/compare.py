@@ -89,7 +89,7 @@ def table(groups: dict[str, list[Run]], baseline: str, beta: float) -> list[dict
             "final_val_loss_std": float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
             "final_train_loss": float(np.mean([train_curve(r, beta)[1][-1] for r in runs])),
             "tokens_to_baseline_ratio": float(np.mean(reach)) / base_tokens if all(math.isfinite(x) for x in reach) else math.nan,
-            "tokens_per_s": float(np.mean([r.summary["tokens_per_s"] for r in runs])),
+            "tokens_per_s": float(np.median([r.summary["tokens_per_s"] for r in runs])),  # robust to one run slowed by a shared machine
             "delta_vs_baseline": float(finals.mean()) - base_final,
         })
     return rows
@@ -152,7 +152,7 @@ def fmt(x: float, spec: str, suffix: str = "×") -> str:
 def markdown(rows: list[dict], baseline: str, plots: list[Path], notes: list[str], runs: list[Run]) -> str:
     lines = ["# Comparison", ""]
     lines += [f"> **Warning:** {n}" for n in notes] + ([""] if notes else [])
-    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s (median) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {r['final_train_loss']:.4f} | "
                      f"{fmt(r['tokens_to_baseline_ratio'], '.2f')} | {r['tokens_per_s']:,.0f} |")
@@ -163,7 +163,7 @@ def markdown(rows: list[dict], baseline: str, plots: list[Path], notes: list[str
 
 
 def to_html(rows: list[dict], baseline: str, plots: list[Path], notes: list[str]) -> str:
-    head = ["variant", "seeds", "final val loss", f"Δ vs {baseline}", "tokens to baseline", "tokens/s"]
+    head = ["variant", "seeds", "final val loss", f"Δ vs {baseline}", "tokens to baseline", "tokens/s (median)"]
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (r["variant"], r["seeds"], f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}",
                                                                       f"{r['delta_vs_baseline']:+.4f}", fmt(r["tokens_to_baseline_ratio"], ".2f"), f"{r['tokens_per_s']:,.0f}")) + "</tr>"

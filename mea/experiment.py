@@ -14,7 +14,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class Compression:
     layer_sets: dict[str, str] = field(default_factory=lambda: {"all": "all", "middle": "middle"})
     recover_share: float = 0.1  # continued pretraining, as a share of the target's tokens
     lr_scale: float = 0.3  # recovery LR as a share of the arm's LR
+    warmup_share: float = 0.2  # of the recovery steps: fresh AdamW moments make the first full-LR steps large
 
 
 @dataclass
@@ -58,8 +59,10 @@ class Protocol:
     second_corpus: list[str] = field(default_factory=list)  # overrides of the data config for the repeat
     baseline: str = "mha"
     margin: float = 0.01
+    stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find each arm's diverging end
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
+    spec: str = ""  # the file it was read from, for the report's command line
 
 
 def load_protocol(path: Path) -> Protocol:
@@ -69,6 +72,7 @@ def load_protocol(path: Path) -> Protocol:
         raw = OmegaConf.load(path)
         raw.sweep.name = raw.get("name")
         raw.sweep.out = f"{raw.get('out', f'runs/experiments/{raw.name}')}/sweep"
+        raw.spec = str(path)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Protocol), raw))
     except OmegaConfBaseException as e:
         raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
@@ -76,6 +80,10 @@ def load_protocol(path: Path) -> Protocol:
 
 def train(run_dir: Path, overrides: list[str]) -> dict:
     """One training run as a subprocess (resumes or skips by itself); its summary."""
+    made_with = run_dir / ".hydra" / "overrides.yaml"
+    if made_with.is_file() and (old := OmegaConf.to_container(OmegaConf.load(made_with))) != overrides:
+        was, now = [o for o in old if o not in overrides], [o for o in overrides if o not in old]
+        raise SweepError(f"{run_dir} was made with {' '.join(was) or 'other overrides'} but the spec now asks {' '.join(now) or 'fewer'}; give the experiment a new `out` or delete that run")
     if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
         code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
         if code != 0 and not (run_dir / "summary.json").is_file():
@@ -130,38 +138,59 @@ def decode_ms(model: LM, batch: int = 4, prompt: int = 256, tokens: int = 32) ->
 
 
 def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str], lr: float) -> list[dict]:
-    """Convert the target-size run to G stored heads per layer set, recover by continued pretraining, measure."""
+    """Convert the target-size run to G stored heads per layer set, recover by continued pretraining, measure.
+
+    The uncompressed model gets the same continued pretraining as a control: rewarming the LR after the end of a
+    schedule costs loss by itself, and further tokens gain some, so recovery is read against that control.
+    """
     data = [o for o in common if o.startswith("data")]
     exported = out / "exported"
     if not (exported / "config.json").is_file():
         export(source_run, exported)
     full, _ = load_pretrained(exported)
-    rows = [{"setting": "uncompressed", "val_after_conversion": evaluate(exported, data)["val_loss"], "val_after_recovery": None,
-             "kv_bytes_per_token": kv_bytes_per_token(full.cfg, 2), "decode_ms": decode_ms(full)}]
-    steps_total = json.loads((source_run / "summary.json").read_text())["steps"]
+    full_val = evaluate(exported, data)["val_loss"]
+    recover_steps = max(1, round(p.compression.recover_share * json.loads((source_run / "summary.json").read_text())["steps"]))
+
+    def recover(name: str, folder: Path) -> float:
+        train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
+                                        f"trainer.eval_every={max(1, recover_steps // 5)}", f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
+                                        f"arm={p.compression.arm}-{name}", f"scheduler.warmup_steps={max(1, round(p.compression.warmup_share * recover_steps))}"])
+        recovered = out / f"{name}-recovered"
+        if not (recovered / "config.json").is_file():
+            export(out / f"{name}-recover", recovered)
+        return evaluate(recovered, data)["val_loss"]
+
+    rows = [{"setting": "uncompressed (control: the same continued pretraining)", "val_after_conversion": full_val, "val_after_recovery": recover("uncompressed", exported),
+             "kv_bytes_per_token": kv_bytes_per_token(full.cfg, 2), "decode_ms": decode_ms(full), "recover_steps": recover_steps, "run": "uncompressed-recover"}]
     for name, layers in p.compression.layer_sets.items():
         folder = out / name
         if not (folder / "config.json").is_file():
             model, report = compress(full, p.compression.kv_heads, None if layers == "all" else parse_layers(layers, full.cfg.n_layers))
             write_compressed(model, report, exported, folder)
         compressed, _ = load_pretrained(folder)
-        recover_steps = max(1, round(p.compression.recover_share * steps_total))
-        train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
-                                                   f"trainer.eval_every={recover_steps}", f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
-                                                   f"arm={p.compression.arm}-kv{p.compression.kv_heads}-{name}", "scheduler.warmup_steps=1"])
-        recovered = out / f"{name}-recovered"
-        if not (recovered / "config.json").is_file():
-            export(out / f"{name}-recover", recovered)
         rows.append({"setting": f"G = {p.compression.kv_heads}, {name} layers", "val_after_conversion": evaluate(folder, data)["val_loss"],
-                     "val_after_recovery": evaluate(recovered, data)["val_loss"], "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
-                     "decode_ms": decode_ms(compressed), "recover_steps": recover_steps})
+                     "val_after_recovery": recover(f"kv{p.compression.kv_heads}-{name}", folder), "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
+                     "decode_ms": decode_ms(compressed), "recover_steps": recover_steps, "run": f"kv{p.compression.kv_heads}-{name}-recover"})
     return rows
+
+
+def stability_probe(p: Protocol, out: Path) -> Path | None:
+    """The LR grid continued past lr_max, at the same spacing, at the largest size only: where each arm diverges.
+    Kept apart from the sweep so that the LR laws are fitted on the same grid for every arm."""
+    s = p.sweep
+    step = (math.log10(s.lr_max) - math.log10(s.lr_min)) / (s.lr_points - 1)
+    n = round((math.log10(p.stability_lr_max) - math.log10(s.lr_max)) / step) if p.stability_lr_max > s.lr_max else 0
+    if n < 1:
+        return None
+    probe = replace(s, sizes=[s.sizes[-1]], lr_min=s.lr_max * 10**step, lr_max=s.lr_max * 10 ** (n * step), lr_points=n, out=str(out / "stability"))
+    return run_sweep(probe)
 
 
 def run(p: Protocol) -> Path:
     started = time.perf_counter()
     out = Path(p.out)
     results = run_sweep(p.sweep)
+    stability = stability_probe(p, out)
     from mea.scaling.fit import main as fit_main
 
     fit_dir = out / "fit"
@@ -184,7 +213,7 @@ def run(p: Protocol) -> Path:
     compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
     from .report import write_report
 
-    return write_report(p, fit, lrs, comparisons, compression, time.perf_counter() - started, Path(p.report))
+    return write_report(p, fit, lrs, comparisons, compression, results, stability, time.perf_counter() - started, Path(p.report))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,40 @@ def standard_error(a: dict, b: dict) -> float:
     return math.sqrt(a["final_val_loss_std"] ** 2 / a["seeds"] + b["final_val_loss_std"] ** 2 / b["seeds"])
 
 
-def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict]) -> list[str]:
+def largest_size_runs(results: Path, stability: Path | None) -> dict[str, dict[float, dict]]:
+    """arm -> LR -> the run at the sweep's largest size, the stability probe's LRs included."""
+    import csv
+
+    rows = []
+    for path in filter(None, (results, stability)):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    largest = max(rows, key=lambda r: float(r["non_embedding_params"]))["size"]
+    grid: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        if r["size"] == largest:
+            grid.setdefault(r["variant"], {})[float(r["lr"])] = r
+    return grid
+
+
+def stable_up_to(runs: dict[float, dict]) -> float:
+    """The largest LR below the first diverged one (all of them when none diverged)."""
+    stable = math.nan
+    for lr in sorted(runs):
+        if runs[lr]["diverged"] == "True":
+            break
+        stable = lr
+    return stable
+
+
+def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
+    lrs = sorted({lr for runs in grid.values() for lr in runs})
+    lines = ["| arm | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    cell = lambda r: "–" if r is None else "diverged" if r["diverged"] == "True" else f"{float(r['final_val_loss']):.3f}"  # noqa: E731
+    return lines + [f"| {arm} | " + " | ".join(cell(runs.get(lr)) for lr in lrs) + " |" for arm, runs in grid.items()]
+
+
+def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
     out = []
     base = row_of(rows, p.baseline)
     mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
@@ -40,8 +73,11 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict]) -
         widths = {arm: [s["sensitivity_decades"] for s in g["sizes"] if "sensitivity_decades" in s] for arm, g in fit["groups"].items()}
         mean = {arm: sum(w) / len(w) for arm, w in widths.items() if w}
         width_text = f"; mean LR range within {p.margin:.0%} of the optimum: mea {mean.get('mea', math.nan):.2f} vs {p.baseline} {mean.get(p.baseline, math.nan):.2f} decades"
-        out.append(f"**MEA tolerates larger learning rates.** At the target size mea's LR is {ratio:.2f}× {p.baseline}'s{width_text}. "
-                   f"{'Agrees' if ratio > 1 and mean.get('mea', 0) >= mean.get(p.baseline, math.inf) else 'Partly agrees' if ratio > 1 or mean.get('mea', 0) >= mean.get(p.baseline, math.inf) else 'Disagrees'} at this scale.")
+        stable = {arm: stable_up_to(grid[arm]) for arm in ("mea", p.baseline) if arm in grid}
+        signs = [ratio > 1, mean.get("mea", 0) >= mean.get(p.baseline, math.inf), stable.get("mea", 0) > stable.get(p.baseline, math.inf)]
+        out.append(f"**MEA tolerates larger learning rates.** At the target size mea's LR is {ratio:.2f}× {p.baseline}'s{width_text}; "
+                   f"largest LR trained without divergence at the largest swept size: mea {stable.get('mea', math.nan):.3g}, {p.baseline} {stable.get(p.baseline, math.nan):.3g}. "
+                   f"{'Agrees' if all(signs) else 'Partly agrees' if any(signs) else 'Disagrees'} at this scale ({sum(signs)} of these 3 point MEA's way).")
     if mea and base:
         delta = mea["final_val_loss"] - base["final_val_loss"]
         out.append(f"**MEA reaches a lower validation loss than the Transformer.** Δ = {delta:+.4f} ({mea['seeds']} vs {base['seeds']} seeds): {verdict(delta, standard_error(mea, base))}.")
@@ -56,40 +92,65 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict]) -
         out.append(f"**DFA without its norm drifts toward standard attention.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
                    f"{'agrees' if abs(gap_nonorm) < abs(gap) else 'disagrees'} (the loss of diff without norm is {'closer to' if abs(gap_nonorm) < abs(gap) else 'further from'} the baseline's).")
     if len(compression) > 1:
-        full = compression[0]["val_after_conversion"]
-        parts = [f"{c['setting']}: {c['val_after_conversion'] - full:+.4f} right after conversion, {c['val_after_recovery'] - full:+.4f} after recovery, "
-                 f"{c['kv_bytes_per_token'] / compression[0]['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
-        out.append("**A 50% KV cache costs little after continued pretraining.** Against the uncompressed model: " + "; ".join(parts) + ".")
+        control = compression[0]  # the uncompressed model after the same continued pretraining
+        parts = [f"{c['setting']}: {c['val_after_conversion'] - control['val_after_conversion']:+.4f} right after conversion, "
+                 f"{c['val_after_recovery'] - control['val_after_recovery']:+.4f} after recovery against the uncompressed model recovered alike, "
+                 f"{c['kv_bytes_per_token'] / control['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
+        out.append("**A 50% KV cache costs little after continued pretraining.** " + "; ".join(parts) + ". "
+                   f"(The control itself moved {control['val_after_recovery'] - control['val_after_conversion']:+.4f} in its {control['recover_steps']} steps.)")
     return out
 
 
 def table(rows: list[dict], baseline: str) -> list[str]:
-    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | tokens to {baseline}'s loss | tokens/s |", "|---|---|---|---|---|---|"]
+    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | tokens to {baseline}'s loss | tokens/s (median over seeds) |", "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if not math.isfinite(r["tokens_to_baseline_ratio"]) else f"{r['tokens_to_baseline_ratio']:.2f}×"
         lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {ratio} | {r['tokens_per_s']:,.0f} |")
     return lines
 
 
-def recovery_plot(out: Path, compression_dir: Path, full_val: float) -> Path:
+def training_time(out: Path) -> str:
+    summaries = [json.loads(f.read_text()) for f in out.rglob("summary.json")]
+    return f"{len(summaries)} training runs took {sum(s.get('wall_time_s', 0.0) for s in summaries) / 60:.1f} min in all"
+
+
+def commands(p, out: Path) -> list[str]:
+    """The one command, and the exact command line of one run of each kind, read from the run's Hydra record."""
+    import yaml
+
+    def train_line(pattern: str) -> str | None:
+        run = next(iter(sorted(out.glob(pattern))), None)
+        if run is None or not (run / ".hydra" / "overrides.yaml").is_file():
+            return None
+        return f"python train.py {' '.join(yaml.safe_load((run / '.hydra' / 'overrides.yaml').read_text()))} hydra.run.dir={run}"
+
+    kinds = {"an LR-sweep run": "sweep/*/*/*", "a stability-probe run": "stability/*/*/*", "a from-scratch run": "compare-main/*/*", "a second-corpus run": "compare-second/*/*",
+             "a recovery run": "compression/*-recover"}
+    lines = ["How it was made — the one command, resumable:", "", "```bash", f"mea-experiment {p.spec}", "```", "",
+             "which runs, for example:", "", "```bash"]
+    lines += [f"# {kind}\n{line}" for kind, pattern in kinds.items() if (line := train_line(pattern))]
+    return lines + ["```"]
+
+
+def recovery_plot(out: Path, compression_dir: Path, compression: list[dict]) -> Path:
+    """Validation loss through continued pretraining, from right after conversion (tokens 0) on."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run in sorted(compression_dir.glob("*-recover")):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], label=f"{run.name} train")
-        val = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-        ax.plot(*zip(*val), "o", label=f"{run.name} val")
-    ax.axhline(full_val, color="black", ls="--", lw=0.8, label="uncompressed val")
-    ax.set(xlabel="tokens of continued pretraining", ylabel="loss", title="Recovery after conversion to G stored heads")
+    for c in compression:
+        rows = [json.loads(line) for line in (compression_dir / c["run"] / "metrics.jsonl").read_text().splitlines()]
+        val = [(0, c["val_after_conversion"])] + [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        ax.plot(*zip(*val), "o-", label=c["setting"])
+    ax.set(xlabel="tokens of continued pretraining", ylabel="validation loss", title="Recovery after conversion to G stored heads")
     ax.legend(fontsize=7)
     return save_figure(fig, out / "compression_recovery")
 
 
-def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[dict], wall_s: float, path: Path) -> Path:
+def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[dict], results: Path, stability: Path | None, wall_s: float, path: Path) -> Path:
     out = Path(p.out)
+    grid = largest_size_runs(results, stability)
     assets = path.with_suffix("")
     assets.mkdir(parents=True, exist_ok=True)
     plots = [out / "fit" / "lr_curves.png", out / "fit" / "lr_law.png", *comparisons["main"]["plots"]]
-    plots += [recovery_plot(assets, out / "compression", compression[0]["val_after_conversion"])]
+    plots += [recovery_plot(assets, out / "compression", compression)]
     for corpus, comp in comparisons.items():
         if corpus != "main":
             for plot in comp["plots"]:
@@ -100,8 +161,9 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
     rel = lambda name: f"{assets.name}/{name}"  # noqa: E731
     lines = [f"# {p.name}: the paper's claims at small scale", "",
              f"Made by `mea-experiment` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads · wall time of this sitting {wall_s / 60:.1f} min (finished steps are skipped on a re-run).", "",
-             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression)]
+             f"{torch.get_num_threads()} threads · {training_time(out)} · wall time of this sitting {wall_s / 60:.1f} min (a re-run skips finished steps).", "",
+             *commands(p, out), "",
+             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid)]
     lines += ["", "## LR laws", "", "| arm | a | b (95% interval) | LR at the target (95% interval) | source |", "|---|---|---|---|---|"]
     for arm, chosen in lrs.items():
         g = fit["groups"].get(arm, {})
@@ -112,17 +174,19 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
               "|---|" + "---|" * len(next(iter(fit["groups"].values()))["sizes"])]
     for arm, g in fit["groups"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["sizes"]) + " |")
-    lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "", "## From-scratch comparison", ""]
+    lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "",
+              f"Final validation loss against LR at the largest swept size{', the grid continued to find where each arm diverges' if stability else ''}:", ""]
+    lines += stability_table(grid) + ["", "## From-scratch comparison", ""]
     for corpus, comp in comparisons.items():
         lines += [f"### {'main corpus' if corpus == 'main' else 'second corpus'}", ""] + table(comp["rows"], comp["baseline"]) + [""]
         prefix = "" if corpus == "main" else f"{corpus}_"
         lines += [f"![loss]({rel(prefix + 'loss_vs_tokens.png')}) ![delta]({rel(prefix + 'delta_vs_baseline.png')})", ""]
         if comp["notes"]:
             lines += [f"> {n}" for n in comp["notes"]] + [""]
-    lines += ["## KV-cache compression", "", "| setting | val loss after conversion | after recovery | KV bytes/token (bf16) | decode ms/token (CPU, batch 4) |", "|---|---|---|---|---|"]
+    lines += ["## KV-cache compression", "", f"Continued pretraining: {compression[0]['recover_steps']} steps, the same for every row.", "",
+              "| setting | val loss after conversion | after continued pretraining | KV bytes/token (bf16) | decode ms/token (CPU, batch 4) |", "|---|---|---|---|---|"]
     for c in compression:
-        rec = "–" if c.get("val_after_recovery") is None else f"{c['val_after_recovery']:.4f}"
-        lines.append(f"| {c['setting']} | {c['val_after_conversion']:.4f} | {rec} | {c['kv_bytes_per_token']:,} | {c['decode_ms']:.2f} |")
+        lines.append(f"| {c['setting']} | {c['val_after_conversion']:.4f} | {c['val_after_recovery']:.4f} | {c['kv_bytes_per_token']:,} | {c['decode_ms']:.2f} |")
     lines += ["", f"![recovery]({rel('compression_recovery.png')})", "", "## Scaling up", "",
               "The same spec runs at GPU scale by overrides: larger `sweep.sizes` (model presets 25m–350m), `target.model=1.3b`, token budgets ×1000, "
               "`data=fineweb_edu`, `deepspeed=zero2`, and `mea-sweep --slurm` for the sweep's job arrays.", ""]

@@ -10,6 +10,7 @@ name: micro
 out: {out}/runs
 report: {out}/results/micro.md
 baseline: mha
+stability_lr_max: 1.0
 sweep:
   arms:
     mha: [attention=mha]
@@ -48,3 +49,16 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path):
     assert re.search(r"\| G = 2, all layers \| [\d.]+ \| [\d.]+ \| ", report)
     again = run_cli("-m", "mea.experiment", str(spec), timeout=600)  # resumable: a second sitting trains nothing
     assert again.returncode == 0 and "is already done" in again.stdout and "it/s" not in again.stderr
+    spec.write_text(spec.read_text().replace("tokens: 4096, overrides: [model.dim=96", "tokens: 8192, overrides: [model.dim=96"))
+    changed = run_cli("-m", "mea.experiment", str(spec), timeout=600)  # a changed spec never reuses runs made under the old one
+    assert changed.returncode == 2 and "was made with trainer.max_steps=" in changed.stderr and "now asks trainer.max_steps=" in changed.stderr
+    with open(tmp_path / "runs" / "stability" / "results.csv") as f:  # the grid continued at the largest size: lr 1.0
+        probe = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(probe) == {"mha", "mea", "diff_nonorm"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}
+    cell = "diverged" if probe["mea"]["diverged"] == "True" else f"{float(probe['mea']['final_val_loss']):.3f}"
+    assert re.search(rf"\| mea \| [^\n]* \| {cell} \|\n", report)
+    assert re.search(r"\| uncompressed \(control: the same continued pretraining\) \| [\d.]+ \| [\d.]+ \| ", report)
+    n_runs = len(list((tmp_path / "runs").rglob("summary.json")))
+    assert f"{n_runs} training runs took" in report and f"mea-experiment {spec}" in report
+    recovery = next(line for line in report.splitlines() if line.startswith("python train.py") and "+experiment=recover" in line)
+    assert "trainer.init_from=" in recovery and "compression/" in recovery
