@@ -123,6 +123,31 @@ def test_diff_equals_its_equations(norm, layer):
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_tha_equals_its_equations(n_kv_heads):
+    """Shazeer et al.'s equations head by head, with random (non-symmetric) mixing matrices and GQA."""
+    from mea.models.attention.base import HeadShape, Rotary
+    from mea.models.attention.tha import TalkingHeadsAttention
+
+    torch.manual_seed(0)
+    C, H, D, T = 32, 4, 8, 10
+    attn = TalkingHeadsAttention(TalkingHeadsConfig(), HeadShape(C, H, n_kv_heads), 0)
+    with torch.no_grad():
+        attn.mix_logits.copy_(torch.randn(H, H))
+        attn.mix_weights.copy_(torch.randn(H, H))
+    x, pos = torch.randn(2, T, C), torch.arange(T)
+    y = attn(x, Rotary(pos, 10000.0))
+
+    Wq, Wk, Wv = attn.wqkv.weight.split([H * D, n_kv_heads * D, n_kv_heads * D])
+    head = lambda W, h: (x @ W.T)[..., h * D : (h + 1) * D]  # noqa: E731
+    kv_of = lambda h: h * n_kv_heads // H  # noqa: E731
+    logits = [rope_ref(head(Wq, h), pos) @ rope_ref(head(Wk, kv_of(h)), pos).transpose(-1, -2) / math.sqrt(D) for h in range(H)]
+    causal = torch.ones(T, T).tril().bool()
+    maps = [sum(attn.mix_logits[h, j] * logits[h] for h in range(H)).masked_fill(~causal, -math.inf).softmax(-1) for j in range(H)]
+    outs = [sum(attn.mix_weights[i, j] * maps[i] for i in range(H)) @ head(Wv, kv_of(j)) for j in range(H)]
+    torch.testing.assert_close(y, torch.cat(outs, dim=-1) @ attn.wo.weight.T, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 @pytest.mark.parametrize("attention", all_variants(), ids=lambda c: f"{c.name}-{c}")
 def test_cached_decoding_equals_full_forward(attention, n_kv_heads):
