@@ -86,18 +86,20 @@ class HeadNorm(nn.Module):
     """Normalises each head's output vector on its own, with a learned scale per head and channel.
 
     center=True is GroupNorm with one group per head (mean and variance); center=False is RMSNorm per head.
+    A fixed gain multiplies the learned scale (H×D) rather than the output, which saves a pass over (B, H, T, D).
     """
 
-    def __init__(self, n_heads: int, head_dim: int, center: bool, eps: float = 1e-5):
+    def __init__(self, n_heads: int, head_dim: int, center: bool, eps: float = 1e-5, gain: float = 1.0):
         super().__init__()
         self.center = center
         self.eps = eps
+        self.gain = gain
         self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))
 
     def forward(self, o_BHTD: torch.Tensor) -> torch.Tensor:
         width = (o_BHTD.shape[-1],)
         normed = F.layer_norm(o_BHTD, width, eps=self.eps) if self.center else F.rms_norm(o_BHTD, width, eps=self.eps)
-        return normed * self.weight
+        return normed * (self.weight * self.gain if self.gain != 1.0 else self.weight)
 
 
 class KVCache:
