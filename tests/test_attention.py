@@ -11,6 +11,8 @@ from mea.models.attention.mha import MHAConfig
 from mea.models.attention.tha import TalkingHeadsConfig
 
 VOCAB = 97
+# fast paths are checked against their references on the CPU always, and on a GPU where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
 def model(attention, n_kv_heads=None, seed=0, **kw):
@@ -58,12 +60,13 @@ def test_tha_with_identity_mixing_is_mha():
     assert (tha(x) - mha(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_kv_heads", [None, 4, 1])
-def test_folded_hlc_equals_explicit_composition(n_kv_heads):
-    folded = model(MEAConfig(hlc_init="random"), n_kv_heads)
-    explicit = model(MEAConfig(hlc_init="random", fold_hlc=False), n_kv_heads, seed=9)
+def test_folded_hlc_equals_explicit_composition(n_kv_heads, device):
+    folded = model(MEAConfig(hlc_init="random"), n_kv_heads).to(device)
+    explicit = model(MEAConfig(hlc_init="random", fold_hlc=False), n_kv_heads, seed=9).to(device)
     explicit.load_state_dict(folded.state_dict())
-    x = tokens()
+    x = tokens().to(device)
     torch.testing.assert_close(folded(x), explicit(x), rtol=1e-4, atol=1e-5)
     # gradients reach the HLC matrices identically through both forms
     for m in (folded, explicit):
@@ -71,6 +74,15 @@ def test_folded_hlc_equals_explicit_composition(n_kv_heads):
     g1, g2 = folded.blocks[1].attention.hlc_k.grad, explicit.blocks[1].attention.hlc_k.grad
     assert g1.abs().sum() > 0
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def on(device, attn, x, pos):
+    """The layer's output computed on `device`, back on the CPU, and the layer left there for the reference."""
+    from mea.models.attention.base import Rotary
+
+    y = attn.to(device)(x.to(device), Rotary(pos.to(device), 10000.0)).cpu()
+    attn.cpu()
+    return y
 
 
 def rope_ref(x, positions, theta=10000.0):
@@ -81,11 +93,12 @@ def rope_ref(x, positions, theta=10000.0):
     return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("layer", [0, 3])
-def test_diff_equals_its_equations(norm, layer):
+def test_diff_equals_its_equations(norm, layer, device):
     """A direct transcription of Ye et al.'s equations, with explicit softmax maps."""
-    from mea.models.attention.base import HeadShape, Rotary
+    from mea.models.attention.base import HeadShape
     from mea.models.attention.diff import DifferentialAttention
 
     torch.manual_seed(0)
@@ -96,7 +109,7 @@ def test_diff_equals_its_equations(norm, layer):
             attn.head_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, T, C)
     pos = torch.arange(T)
-    y = attn(x, Rotary(pos, 10000.0))
+    y = on(device, attn, x, pos)
 
     Wq, Wk, Wv = attn.wqkv.weight.split([H * D, H * D, H * D])
     lam_init = 0.8 - 0.6 * math.exp(-0.3 * ((layer + 1) - 1))
@@ -123,10 +136,11 @@ def test_diff_equals_its_equations(norm, layer):
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_tha_equals_its_equations(n_kv_heads):
+def test_tha_equals_its_equations(n_kv_heads, device):
     """Shazeer et al.'s equations head by head, with random (non-symmetric) mixing matrices and GQA."""
-    from mea.models.attention.base import HeadShape, Rotary
+    from mea.models.attention.base import HeadShape
     from mea.models.attention.tha import TalkingHeadsAttention
 
     torch.manual_seed(0)
@@ -136,7 +150,7 @@ def test_tha_equals_its_equations(n_kv_heads):
         attn.mix_logits.copy_(torch.randn(H, H))
         attn.mix_weights.copy_(torch.randn(H, H))
     x, pos = torch.randn(2, T, C), torch.arange(T)
-    y = attn(x, Rotary(pos, 10000.0))
+    y = on(device, attn, x, pos)
 
     Wq, Wk, Wv = attn.wqkv.weight.split([H * D, n_kv_heads * D, n_kv_heads * D])
     head = lambda W, h: (x @ W.T)[..., h * D : (h + 1) * D]  # noqa: E731
@@ -148,15 +162,16 @@ def test_tha_equals_its_equations(n_kv_heads):
     torch.testing.assert_close(y, torch.cat(outs, dim=-1) @ attn.wo.weight.T, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 @pytest.mark.parametrize("attention", all_variants(), ids=lambda c: f"{c.name}-{c}")
-def test_cached_decoding_equals_full_forward(attention, n_kv_heads):
+def test_cached_decoding_equals_full_forward(attention, n_kv_heads, device):
     m = model(attention, n_kv_heads)
     with torch.no_grad():  # make heads really talk, so a wrong cache path cannot hide behind an identity
         for name, p in m.named_parameters():
             if any(part in name for part in ("hlc", "mix", "norm", "lambda")):
                 p.add_(0.1 * torch.randn_like(p))
-    x = tokens(T=20)
+    m, x = m.to(device), tokens(T=20).to(device)
     full = m(x)
     caches = m.new_caches()
     steps = [m(x[:, :7], caches=caches), m(x[:, 7:10], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(10, 20)]
