@@ -76,6 +76,27 @@ def test_folded_hlc_equals_explicit_composition(n_kv_heads, device):
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_norm_is_torch_group_norm_with_one_group_per_head(device):
+    """mha_gn = W_O GroupNorm_H(o) with torch's own GroupNorm as the reference: the per-channel scale, folded
+    into W_O in the module, must land on the right head and channel."""
+    from mea.models.attention.base import HeadShape, Rotary, causal_attention, merge_heads
+    from mea.models.attention.mha_gn import MHAGroupNormConfig, MultiHeadAttentionGroupNorm
+
+    torch.manual_seed(0)
+    C, H, T = 32, 4, 10
+    attn = MultiHeadAttentionGroupNorm(MHAGroupNormConfig(), HeadShape(C, H, H), 0)
+    with torch.no_grad():
+        attn.head_norm.weight.copy_(torch.rand_like(attn.head_norm.weight) + 0.5)
+    x, pos = torch.randn(2, T, C), torch.arange(T)
+    y = on(device, attn, x, pos)
+    rope = Rotary(pos, 10000.0)
+    q, k, v = attn.project(x)
+    o = merge_heads(causal_attention(rope(q), rope(k), v)).reshape(2 * T, C)
+    expected = torch.nn.functional.group_norm(o, H, attn.head_norm.weight.flatten(), eps=1e-5) @ attn.wo.weight.T
+    torch.testing.assert_close(y, expected.view(2, T, C), rtol=1e-4, atol=1e-5)
+
+
 def on(device, attn, x, pos):
     """The layer's output computed on `device`, back on the CPU, and the layer left there for the reference."""
     from mea.models.attention.base import Rotary

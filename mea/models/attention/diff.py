@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, merge_heads, register
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, register
 from .mha import MultiHeadAttention
 
 
@@ -65,7 +65,7 @@ class DifferentialAttention(MultiHeadAttention):
         first = self.first_half.to(q.dtype)
         scale = default_scale(self.shape.head_dim // 2)
         o = torch.addcmul(causal_attention(q * first, k, v, scale), causal_attention(q * (1 - first), k, v, scale), -self.lambda_())
-        return self.wo(merge_heads(self.head_norm(o)))
+        return self.output(o)
 
 
 def rope_halves(x_BhTD: torch.Tensor, rope: Rotary) -> torch.Tensor:

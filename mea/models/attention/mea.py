@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_mask, default_scale, merge_heads, register
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_mask, default_scale, register
 from .mha import MultiHeadAttention
 
 HLC_INITS = ("identity", "identity_noise", "random")
@@ -89,7 +89,7 @@ class ExplicitAttention(MultiHeadAttention):
         q, k0, v0 = self.split_qkv(self.wqkv(x_BTC))
         # The cache keeps the G stored heads side by side, (B, 1, S, G·D): read as one shared head with no copy.
         k_B1SX, v_B1SX = cache.update(side_by_side(rope(k0)), side_by_side(v0))
-        return self.wo(merge_heads(self.head_norm(self.absorbed_attention(rope(q), k_B1SX, v_B1SX))))
+        return self.output(self.absorbed_attention(rope(q), k_B1SX, v_B1SX))
 
     def absorbed_attention(self, q_BHTD: torch.Tensor, k_B1SX: torch.Tensor, v_B1SX: torch.Tensor) -> torch.Tensor:
         """Attention of H queries over G stored heads, side by side as one shared head of width G·D.

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, merge_heads, register
+from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, register
 from .mha import MultiHeadAttention
 
 
@@ -46,7 +46,7 @@ class TalkingHeadsAttention(MultiHeadAttention):
         # in place: backward needs neither the mixed logits nor a second T×S buffer
         logits_BHTS = mix_heads(logits_BHTS, self.mix_logits).masked_fill_(~causal_mask(T, S, x_BTC.device), float("-inf"))
         weights_BHTS = mix_heads(logits_BHTS.softmax(dim=-1), self.mix_weights)
-        return self.wo(merge_heads(weights_BHTS @ v))
+        return self.output(weights_BHTS @ v)
 
 
 def mix_heads(maps_BHTS: torch.Tensor, mix_HJ: torch.Tensor) -> torch.Tensor:
