@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mea.models.attention.base import HeadShape, KVCache, Rotary, causal_attention, merge_heads  # noqa: E402
+from mea.models.attention.base import HeadShape, KVCache, Rotary, causal_attention  # noqa: E402
 from mea.models.attention.mea import ExplicitAttention, MEAConfig, compose, side_by_side  # noqa: E402
 from mea.models.attention.mha import MHAConfig, MultiHeadAttention  # noqa: E402
 
@@ -36,7 +36,7 @@ def expanded_step(layer: ExplicitAttention, x, rope, cache: KVCache):
     G = layer.hlc_k.shape[0]
     as_heads = lambda t: t.view(B, S, G, X // G).transpose(1, 2)  # noqa: E731
     o = causal_attention(rope(q), compose(as_heads(k), layer.hlc_k), compose(as_heads(v), layer.hlc_v))
-    return layer.wo(merge_heads(layer.head_norm(o)))
+    return layer.output(o)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
     python bench/train_step.py                      # CPU preset: 4 layers, width 256, 8 heads, T 256, batch 8, fp32
     python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
 
+Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak.
 Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike; each figure
 is the median over rounds. Imports torch and mea.models only, so it runs on a bare GPU machine.
 """
@@ -46,6 +47,21 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def saved_activation_bytes(forward, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward (each storage once): the activation memory of a step,
+    measured the same way on every device."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x)
+    return sum(storages.values())
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -81,8 +97,10 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    peak_memory = {}
+    peak_memory, saved = {}, {}
     for name in models:  # warm-up (and compilation)
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            saved[name] = saved_activation_bytes(models[name][0], x[:, :-1]) / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for _ in range(2):
@@ -107,12 +125,12 @@ def main() -> None:
     print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     base = statistics.median(times["mha"])
-    print(f"{'variant':<18} {'tokens/s':>10} {'vs mha':>7} {'MFU':>6}" + (f" {'peak GiB':>9}" if peak_memory else ""))
+    print(f"{'variant':<18} {'tokens/s':>10} {'vs mha':>7} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7}" + (f" {'peak GiB':>9}" if peak_memory else ""))
     for name, ts in times.items():
         t = statistics.median(ts)
         flops = models[name][0].flops_per_token(p["seq_len"]) * tokens
         mem = f" {peak_memory[name]:9.2f}" if peak_memory else ""
-        print(f"{name:<18} {tokens / t:10,.0f} {base / t:7.3f} {flops / t / peak:6.1%}{mem}")
+        print(f"{name:<18} {tokens / t:10,.0f} {base / t:7.3f} {flops / t / peak:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f}{mem}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from mea.models.attention.mha import MHAConfig
 from mea.models.attention.tha import TalkingHeadsConfig
 
 VOCAB = 97
+# fast paths are checked against their references on the CPU always, and on a GPU where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
 
 
 def model(attention, n_kv_heads=None, seed=0, **kw):
@@ -58,12 +60,13 @@ def test_tha_with_identity_mixing_is_mha():
     assert (tha(x) - mha(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_kv_heads", [None, 4, 1])
-def test_folded_hlc_equals_explicit_composition(n_kv_heads):
-    folded = model(MEAConfig(hlc_init="random"), n_kv_heads)
-    explicit = model(MEAConfig(hlc_init="random", fold_hlc=False), n_kv_heads, seed=9)
+def test_folded_hlc_equals_explicit_composition(n_kv_heads, device):
+    folded = model(MEAConfig(hlc_init="random"), n_kv_heads).to(device)
+    explicit = model(MEAConfig(hlc_init="random", fold_hlc=False), n_kv_heads, seed=9).to(device)
     explicit.load_state_dict(folded.state_dict())
-    x = tokens()
+    x = tokens().to(device)
     torch.testing.assert_close(folded(x), explicit(x), rtol=1e-4, atol=1e-5)
     # gradients reach the HLC matrices identically through both forms
     for m in (folded, explicit):
@@ -71,6 +74,36 @@ def test_folded_hlc_equals_explicit_composition(n_kv_heads):
     g1, g2 = folded.blocks[1].attention.hlc_k.grad, explicit.blocks[1].attention.hlc_k.grad
     assert g1.abs().sum() > 0
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_norm_is_torch_group_norm_with_one_group_per_head(device):
+    """mha_gn = W_O GroupNorm_H(o) with torch's own GroupNorm as the reference: the per-channel scale, folded
+    into W_O in the module, must land on the right head and channel."""
+    from mea.models.attention.base import HeadShape, Rotary, causal_attention, merge_heads
+    from mea.models.attention.mha_gn import MHAGroupNormConfig, MultiHeadAttentionGroupNorm
+
+    torch.manual_seed(0)
+    C, H, T = 32, 4, 10
+    attn = MultiHeadAttentionGroupNorm(MHAGroupNormConfig(), HeadShape(C, H, H), 0)
+    with torch.no_grad():
+        attn.head_norm.weight.copy_(torch.rand_like(attn.head_norm.weight) + 0.5)
+    x, pos = torch.randn(2, T, C), torch.arange(T)
+    y = on(device, attn, x, pos)
+    rope = Rotary(pos, 10000.0)
+    q, k, v = attn.project(x)
+    o = merge_heads(causal_attention(rope(q), rope(k), v)).reshape(2 * T, C)
+    expected = torch.nn.functional.group_norm(o, H, attn.head_norm.weight.flatten(), eps=1e-5) @ attn.wo.weight.T
+    torch.testing.assert_close(y, expected.view(2, T, C), rtol=1e-4, atol=1e-5)
+
+
+def on(device, attn, x, pos):
+    """The layer's output computed on `device`, back on the CPU, and the layer left there for the reference."""
+    from mea.models.attention.base import Rotary
+
+    y = attn.to(device)(x.to(device), Rotary(pos.to(device), 10000.0)).cpu()
+    attn.cpu()
+    return y
 
 
 def rope_ref(x, positions, theta=10000.0):
@@ -81,11 +114,12 @@ def rope_ref(x, positions, theta=10000.0):
     return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("layer", [0, 3])
-def test_diff_equals_its_equations(norm, layer):
+def test_diff_equals_its_equations(norm, layer, device):
     """A direct transcription of Ye et al.'s equations, with explicit softmax maps."""
-    from mea.models.attention.base import HeadShape, Rotary
+    from mea.models.attention.base import HeadShape
     from mea.models.attention.diff import DifferentialAttention
 
     torch.manual_seed(0)
@@ -96,7 +130,7 @@ def test_diff_equals_its_equations(norm, layer):
             attn.head_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, T, C)
     pos = torch.arange(T)
-    y = attn(x, Rotary(pos, 10000.0))
+    y = on(device, attn, x, pos)
 
     Wq, Wk, Wv = attn.wqkv.weight.split([H * D, H * D, H * D])
     lam_init = 0.8 - 0.6 * math.exp(-0.3 * ((layer + 1) - 1))
@@ -123,15 +157,42 @@ def test_diff_equals_its_equations(norm, layer):
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_tha_equals_its_equations(n_kv_heads, device):
+    """Shazeer et al.'s equations head by head, with random (non-symmetric) mixing matrices and GQA."""
+    from mea.models.attention.base import HeadShape
+    from mea.models.attention.tha import TalkingHeadsAttention
+
+    torch.manual_seed(0)
+    C, H, D, T = 32, 4, 8, 10
+    attn = TalkingHeadsAttention(TalkingHeadsConfig(), HeadShape(C, H, n_kv_heads), 0)
+    with torch.no_grad():
+        attn.mix_logits.copy_(torch.randn(H, H))
+        attn.mix_weights.copy_(torch.randn(H, H))
+    x, pos = torch.randn(2, T, C), torch.arange(T)
+    y = on(device, attn, x, pos)
+
+    Wq, Wk, Wv = attn.wqkv.weight.split([H * D, n_kv_heads * D, n_kv_heads * D])
+    head = lambda W, h: (x @ W.T)[..., h * D : (h + 1) * D]  # noqa: E731
+    kv_of = lambda h: h * n_kv_heads // H  # noqa: E731
+    logits = [rope_ref(head(Wq, h), pos) @ rope_ref(head(Wk, kv_of(h)), pos).transpose(-1, -2) / math.sqrt(D) for h in range(H)]
+    causal = torch.ones(T, T).tril().bool()
+    maps = [sum(attn.mix_logits[h, j] * logits[h] for h in range(H)).masked_fill(~causal, -math.inf).softmax(-1) for j in range(H)]
+    outs = [sum(attn.mix_weights[i, j] * maps[i] for i in range(H)) @ head(Wv, kv_of(j)) for j in range(H)]
+    torch.testing.assert_close(y, torch.cat(outs, dim=-1) @ attn.wo.weight.T, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 @pytest.mark.parametrize("attention", all_variants(), ids=lambda c: f"{c.name}-{c}")
-def test_cached_decoding_equals_full_forward(attention, n_kv_heads):
+def test_cached_decoding_equals_full_forward(attention, n_kv_heads, device):
     m = model(attention, n_kv_heads)
     with torch.no_grad():  # make heads really talk, so a wrong cache path cannot hide behind an identity
         for name, p in m.named_parameters():
             if any(part in name for part in ("hlc", "mix", "norm", "lambda")):
                 p.add_(0.1 * torch.randn_like(p))
-    x = tokens(T=20)
+    m, x = m.to(device), tokens(T=20).to(device)
     full = m(x)
     caches = m.new_caches()
     steps = [m(x[:, :7], caches=caches), m(x[:, 7:10], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(10, 20)]

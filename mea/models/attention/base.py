@@ -86,18 +86,25 @@ class HeadNorm(nn.Module):
     """Normalises each head's output vector on its own, with a learned scale per head and channel.
 
     center=True is GroupNorm with one group per head (mean and variance); center=False is RMSNorm per head.
+    The scale (times a fixed gain) is linear and comes right before W_O, so it is folded into W_O's columns —
+    `fold(W_O)` — rather than applied to the activations: no extra pass over (B, H, T, D), nothing more saved.
     """
 
-    def __init__(self, n_heads: int, head_dim: int, center: bool, eps: float = 1e-5):
+    def __init__(self, n_heads: int, head_dim: int, center: bool, eps: float = 1e-5, gain: float = 1.0):
         super().__init__()
         self.center = center
         self.eps = eps
+        self.gain = gain
         self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))
 
     def forward(self, o_BHTD: torch.Tensor) -> torch.Tensor:
+        """The normalised heads, before the scale."""
         width = (o_BHTD.shape[-1],)
-        normed = F.layer_norm(o_BHTD, width, eps=self.eps) if self.center else F.rms_norm(o_BHTD, width, eps=self.eps)
-        return normed * self.weight
+        return F.layer_norm(o_BHTD, width, eps=self.eps) if self.center else F.rms_norm(o_BHTD, width, eps=self.eps)
+
+    def fold(self, w_out_CX: torch.Tensor) -> torch.Tensor:
+        """W_O diag(γ·gain), for heads merged as (B, T, H·D)."""
+        return w_out_CX * (self.weight * self.gain).reshape(1, -1)
 
 
 class KVCache:

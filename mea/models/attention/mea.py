@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, merge_heads, register
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_mask, default_scale, register
 from .mha import MultiHeadAttention
 
 HLC_INITS = ("identity", "identity_noise", "random")
@@ -89,17 +89,20 @@ class ExplicitAttention(MultiHeadAttention):
         q, k0, v0 = self.split_qkv(self.wqkv(x_BTC))
         # The cache keeps the G stored heads side by side, (B, 1, S, G·D): read as one shared head with no copy.
         k_B1SX, v_B1SX = cache.update(side_by_side(rope(k0)), side_by_side(v0))
-        return self.wo(merge_heads(self.head_norm(self.absorbed_attention(rope(q), k_B1SX, v_B1SX))))
+        return self.output(self.absorbed_attention(rope(q), k_B1SX, v_B1SX))
 
     def absorbed_attention(self, q_BHTD: torch.Tensor, k_B1SX: torch.Tensor, v_B1SX: torch.Tensor) -> torch.Tensor:
         """Attention of H queries over G stored heads, side by side as one shared head of width G·D.
 
         q_h · k_h = Σ_g (C_K[g, h] q_h) · k⁰_g   and   A_h v_h = Σ_g C_V[g, h] (A_h v⁰_g).
+        The H·T queries go in as rows of that one head, so the kernel reads each cached token once for all
+        heads (GQA-style broadcasting of the shared head measured 3.4× slower on CPU).
         """
         B, H, T, D = q_BHTD.shape
-        G = self.hlc_k.shape[0]
-        q_BHTX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, H, T, G * D)
-        o_BHTGD = causal_attention(q_BHTX, k_B1SX, v_B1SX, scale=default_scale(D)).view(B, H, T, G, D)
+        G, S = self.hlc_k.shape[0], k_B1SX.shape[2]
+        q_B1RX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, 1, H * T, G * D)
+        mask = None if T == 1 else causal_mask(T, S, q_BHTD.device).repeat(H, 1)
+        o_BHTGD = F.scaled_dot_product_attention(q_B1RX, k_B1SX, v_B1SX, attn_mask=mask, scale=default_scale(D)).view(B, H, T, G, D)
         return torch.einsum("bhtgd,gh->bhtd", o_BHTGD, self.hlc_v)
 
 

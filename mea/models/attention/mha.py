@@ -3,9 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_attention, merge_heads, register, split_heads
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, merge_heads, register, split_heads
 
 
 @dataclass
@@ -30,7 +31,7 @@ class MultiHeadAttention(nn.Module):
         H, G, D = shape.n_heads, shape.n_kv_heads, shape.head_dim
         self.wqkv = nn.Linear(shape.dim, (H + 2 * G) * D, bias=False)
         self.wo = nn.Linear(H * D, shape.dim, bias=False)
-        self.head_norm: nn.Module = nn.Identity()
+        self.head_norm: HeadNorm | None = None
 
     def project(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.split_qkv(self.wqkv(x_BTC))
@@ -46,5 +47,10 @@ class MultiHeadAttention(nn.Module):
         q, k = rope(q), rope(k)
         if cache is not None:
             k, v = cache.update(k, v)
-        o = causal_attention(q, k, v)
-        return self.wo(merge_heads(self.head_norm(o)))
+        return self.output(causal_attention(q, k, v))
+
+    def output(self, o_BHTD: torch.Tensor) -> torch.Tensor:
+        """y = W_O [o_1 … o_H], through the head norm where a variant has one (its scale folded into W_O)."""
+        if self.head_norm is None:
+            return self.wo(merge_heads(o_BHTD))
+        return F.linear(merge_heads(self.head_norm(o_BHTD)), self.head_norm.fold(self.wo.weight))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, merge_heads, register
+from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, register
 from .mha import MultiHeadAttention
 
 
@@ -39,11 +39,17 @@ class TalkingHeadsAttention(MultiHeadAttention):
         q, k = rope(q), rope(k)
         if cache is not None:
             k, v = cache.update(k, v)
-        group = self.shape.n_heads // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if (group := self.shape.n_heads // k.shape[1]) > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         logits_BHTS = (q * default_scale(self.shape.head_dim)) @ k.transpose(-2, -1)  # scale the small side
-        logits_BHTS = torch.einsum("bhts,hj->bjts", logits_BHTS, self.mix_logits)
         T, S = logits_BHTS.shape[-2:]
-        logits_BHTS = logits_BHTS.masked_fill(~causal_mask(T, S, x_BTC.device), float("-inf"))
-        weights_BHTS = torch.einsum("bhts,hj->bjts", logits_BHTS.softmax(dim=-1), self.mix_weights)
-        return self.wo(merge_heads(weights_BHTS @ v))
+        # in place: backward needs neither the mixed logits nor a second T×S buffer
+        logits_BHTS = mix_heads(logits_BHTS, self.mix_logits).masked_fill_(~causal_mask(T, S, x_BTC.device), float("-inf"))
+        weights_BHTS = mix_heads(logits_BHTS.softmax(dim=-1), self.mix_weights)
+        return self.output(weights_BHTS @ v)
+
+
+def mix_heads(maps_BHTS: torch.Tensor, mix_HJ: torch.Tensor) -> torch.Tensor:
+    """out_j = Σ_h mix[h, j] · map_h, as one (J×H)·(H×TS) matmul per batch element: no permuted copies of the maps."""
+    B, H, T, S = maps_BHTS.shape
+    return torch.bmm(mix_HJ.t().expand(B, -1, -1), maps_BHTS.reshape(B, H, T * S)).view(B, -1, T, S)
