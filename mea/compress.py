@@ -39,8 +39,8 @@ def compress(model: LM, kv_heads: int, layers: list[int] | None = None) -> tuple
     cfg, attention = model.cfg, model.attention_cfg
     if attention.name not in ("mha", "mea"):
         raise RunError(f"compression takes an mha or mea model, not attention={attention.name}; its heads are not a linear composition of stored heads")
-    if cfg.n_heads % kv_heads:
-        raise RunError(f"--kv-heads {kv_heads} does not divide the model's {cfg.n_heads} heads; choose a divisor of {cfg.n_heads}")
+    if not 1 <= kv_heads <= cfg.n_heads:
+        raise RunError(f"--kv-heads {kv_heads} is not between 1 and the model's {cfg.n_heads} heads")
     layers = list(range(cfg.n_layers)) if layers is None else layers
     if not set(layers) <= set(range(cfg.n_layers)):
         raise RunError(f"--layers {layers} names layers the model does not have (0 to {cfg.n_layers - 1})")

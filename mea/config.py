@@ -162,9 +162,9 @@ def validate(cfg: DictConfig | Any, only: str | None = None) -> None:
     if only == "data":
         return
     try:
-        variant_class(cfg.attention.name)
+        variant = variant_class(cfg.attention.name)
         OmegaConf.to_object(cfg.attention)  # the variant's own checks
-        check_shape(cfg.model)
+        check_shape(cfg.model, variant.any_kv_heads)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:

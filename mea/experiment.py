@@ -43,7 +43,7 @@ class Target:
 @dataclass
 class Compression:
     arm: str = "mea"
-    kv_heads: int = 2
+    kv_heads: list[int] = field(default_factory=lambda: [2])  # stored heads G per layer after conversion, one setting each
     layer_sets: dict[str, str] = field(default_factory=lambda: {"all": "all", "middle": "middle"})
     recover_share: float = 0.1  # continued pretraining, as a share of the target's tokens
     lr_scale: float = 0.3  # recovery LR as a share of the arm's LR
@@ -162,15 +162,16 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
 
     rows = [{"setting": "uncompressed (control: the same continued pretraining)", "val_after_conversion": full_val, "val_after_recovery": recover("uncompressed", exported),
              "kv_bytes_per_token": kv_bytes_per_token(full.cfg, 2), "decode_ms": decode_ms(full), "recover_steps": recover_steps, "run": "uncompressed-recover"}]
-    for name, layers in p.compression.layer_sets.items():
-        folder = out / name
-        if not (folder / "config.json").is_file():
-            model, report = compress(full, p.compression.kv_heads, None if layers == "all" else parse_layers(layers, full.cfg.n_layers))
-            write_compressed(model, report, exported, folder)
-        compressed, _ = load_pretrained(folder)
-        rows.append({"setting": f"G = {p.compression.kv_heads}, {name} layers", "val_after_conversion": evaluate(folder, data)["val_loss"],
-                     "val_after_recovery": recover(f"kv{p.compression.kv_heads}-{name}", folder), "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
-                     "decode_ms": decode_ms(compressed), "recover_steps": recover_steps, "run": f"kv{p.compression.kv_heads}-{name}-recover"})
+    for G in p.compression.kv_heads:
+        for name, layers in p.compression.layer_sets.items():
+            folder = out / f"kv{G}-{name}"
+            if not (folder / "config.json").is_file():
+                model, report = compress(full, G, None if layers == "all" else parse_layers(layers, full.cfg.n_layers))
+                write_compressed(model, report, exported, folder)
+            compressed, _ = load_pretrained(folder)
+            rows.append({"setting": f"G = {G} of {full.cfg.n_heads}, {name} layers", "val_after_conversion": evaluate(folder, data)["val_loss"],
+                         "val_after_recovery": recover(f"kv{G}-{name}", folder), "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
+                         "decode_ms": decode_ms(compressed), "recover_steps": recover_steps, "run": f"kv{G}-{name}-recover"})
     return rows
 
 
@@ -186,9 +187,22 @@ def stability_probe(p: Protocol, out: Path) -> Path | None:
     return run_sweep(probe)
 
 
+def check(p: Protocol) -> None:
+    """The spec's compression settings against the target model, before any compute."""
+    c = p.compression
+    if c.arm not in p.sweep.arm_overrides():
+        raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(p.sweep.arm_overrides())})")
+    cfg = compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *p.sweep.arm_overrides()[c.arm]])
+    if cfg.attention.name not in ("mha", "mea"):
+        raise SweepError(f"compression.arm={c.arm} is attention={cfg.attention.name}; conversion to stored heads takes an mha or mea arm")
+    if not all(1 <= g < cfg.model.n_heads for g in c.kv_heads):
+        raise SweepError(f"compression.kv_heads={list(c.kv_heads)}: each must be from 1 to {cfg.model.n_heads - 1}, below the target's {cfg.model.n_heads} heads")
+
+
 def run(p: Protocol) -> Path:
     started = time.perf_counter()
     out = Path(p.out)
+    check(p)
     results = run_sweep(p.sweep)
     stability = stability_probe(p, out)
     from mea.scaling.fit import main as fit_main

@@ -1,5 +1,6 @@
 """Each variant against the others where the maths says they coincide, and against its own equations."""
 import math
+import re
 
 import pytest
 import torch
@@ -197,6 +198,19 @@ def test_cached_decoding_equals_full_forward(attention, n_kv_heads, device):
     caches = m.new_caches()
     steps = [m(x[:, :7], caches=caches), m(x[:, 7:10], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(10, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=2e-5)
+
+
+def test_mea_composes_its_heads_from_any_number_of_stored_ones():
+    """HLC maps G stored heads to H for any G <= H (3 of 8 here), in training and in the absorbed decode;
+    variants whose heads share key/value heads in groups still need G to divide H."""
+    m = model(MEAConfig(hlc_init="random"), n_kv_heads=3)
+    x = tokens(T=12)
+    caches = m.new_caches()
+    steps = [m(x[:, :5], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), m(x), rtol=1e-4, atol=2e-5)
+    assert caches[0].k.shape[-1] == 3 * 8  # the cache holds the 3 stored heads of width 8 side by side
+    with pytest.raises(ValueError, match=re.escape("model.n_kv_heads=3 does not divide model.n_heads=8; allowed: [1, 2, 4, 8] or null")):
+        model(MHAConfig(), n_kv_heads=3)
 
 
 @pytest.mark.parametrize("attention", all_variants(), ids=lambda c: f"{c.name}-{c}")

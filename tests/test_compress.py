@@ -62,8 +62,8 @@ def test_a_rank_g_fit_is_the_best_one_and_the_error_is_reported():
 
 
 def test_bad_input():
-    with pytest.raises(RunError, match="--kv-heads 3 does not divide the model's 8 heads"):
-        compress(model(MHAConfig()), 3)
+    with pytest.raises(RunError, match="--kv-heads 9 is not between 1 and the model's 8 heads"):
+        compress(model(MHAConfig()), 9)
     with pytest.raises(RunError, match="not attention=diff"):
         compress(model(DiffConfig()), 4)
     with pytest.raises(RunError, match="names layers the model does not have"):

@@ -24,9 +24,17 @@ sweep:
   lr_points: 3
   overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
 target: {{model: tiny, name: w96, tokens: 4096, overrides: [model.dim=96, model.n_heads=4], seeds: [0, 1]}}
-compression: {{arm: mea, kv_heads: 2, layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
+compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
 second_corpus: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512]
 """
+
+
+def test_bad_compression_settings_fail_before_any_run(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare=SHAKESPEARE).replace("kv_heads: [2]", "kv_heads: [2, 4]"))
+    proc = run_cli("-m", "mea.experiment", str(spec))
+    assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_micro_protocol_produces_a_consistent_report(tmp_path):
@@ -46,7 +54,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path):
         row = re.search(rf"\| {arm} \| 2 \| ([\d.]+) ± ", report)
         assert row and abs(float(row.group(1)) - sum(finals) / 2) < 1e-4
     assert "**MEA reaches a lower validation loss than the Transformer.**" in report and "**MEA tolerates larger learning rates.**" in report
-    assert re.search(r"\| G = 2, all layers \| [\d.]+ \| [\d.]+ \| ", report)
+    assert re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| [\d.]+ \| ", report)
     again = run_cli("-m", "mea.experiment", str(spec), timeout=600)  # resumable: a second sitting trains nothing
     assert again.returncode == 0 and "is already done" in again.stdout and "it/s" not in again.stderr
     spec.write_text(spec.read_text().replace("tokens: 4096, overrides: [model.dim=96", "tokens: 8192, overrides: [model.dim=96"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionConfig, HeadShape, KVCache, Rotary, build_attention
+from .attention import AttentionConfig, HeadShape, KVCache, Rotary, build_attention, variant_class
 
 
 @dataclass
@@ -43,18 +43,23 @@ class ModelConfig:
         return m * math.ceil(8 * self.dim / 3 / m)
 
 
-def check_shape(cfg: ModelConfig) -> None:
-    """Raise a one-line ValueError for head counts that do not fit the width."""
+def check_shape(cfg: ModelConfig, any_kv_heads: bool = False) -> None:
+    """Raise a one-line ValueError for head counts that do not fit the width.
+
+    Query heads share G key/value heads in equal groups, so G divides H — unless the variant composes its H heads
+    from any G stored ones (`any_kv_heads`, MEA's HLC).
+    """
     if cfg.dim % cfg.n_heads:
         raise ValueError(f"model.n_heads={cfg.n_heads} does not divide model.dim={cfg.dim}; choose n_heads among the divisors of dim")
     if (cfg.dim // cfg.n_heads) % 2:
         raise ValueError(f"model.dim/model.n_heads={cfg.dim // cfg.n_heads} is odd; RoPE needs an even head width")
-    allowed = [g for g in range(1, cfg.n_heads + 1) if cfg.n_heads % g == 0]
+    allowed = [g for g in range(1, cfg.n_heads + 1) if any_kv_heads or cfg.n_heads % g == 0]
+    relation = "exceeds" if any_kv_heads else "does not divide"
     if cfg.n_kv_heads is not None and cfg.n_kv_heads not in allowed:
-        raise ValueError(f"model.n_kv_heads={cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}; allowed: {allowed} or null")
+        raise ValueError(f"model.n_kv_heads={cfg.n_kv_heads} {relation} model.n_heads={cfg.n_heads}; allowed: {allowed} or null")
     if cfg.kv_heads_per_layer is not None:
         if len(cfg.kv_heads_per_layer) != cfg.n_layers or not set(cfg.kv_heads_per_layer) <= set(allowed):
-            raise ValueError(f"model.kv_heads_per_layer={list(cfg.kv_heads_per_layer)} needs {cfg.n_layers} entries, each dividing model.n_heads={cfg.n_heads} ({allowed})")
+            raise ValueError(f"model.kv_heads_per_layer={list(cfg.kv_heads_per_layer)} needs {cfg.n_layers} entries, each in {allowed} for model.n_heads={cfg.n_heads}")
 
 
 class RMSNorm(nn.Module):
@@ -96,7 +101,7 @@ class Block(nn.Module):
 class LM(nn.Module):
     def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
         super().__init__()
-        check_shape(cfg)
+        check_shape(cfg, variant_class(attention.name).any_kv_heads)
         if not cfg.vocab_size:
             raise ValueError("model.vocab_size is not set; it comes from the tokenizer, or set it explicitly")
         self.cfg = cfg

@@ -52,6 +52,7 @@ class ExplicitAttention(MultiHeadAttention):
     """
 
     Config = MEAConfig
+    any_kv_heads = True  # HLC composes H heads from any G stored ones
 
     def __init__(self, cfg: MEAConfig, shape: HeadShape, layer_idx: int):
         super().__init__(cfg, shape, layer_idx)

@@ -24,6 +24,7 @@ class MultiHeadAttention(nn.Module):
     """
 
     Config = MHAConfig
+    any_kv_heads = False  # G must divide H: query heads share key/value heads in equal groups
 
     def __init__(self, cfg: AttentionConfig, shape: HeadShape, layer_idx: int):
         super().__init__()
