@@ -47,21 +47,37 @@ def largest_size_runs(results: Path, stability: Path | None) -> dict[str, dict[f
     return grid
 
 
+TRAINS_WITHIN = 0.10  # a run "trains" when its loss is within 10% of the arm's best at that size
+
+
 def stable_up_to(runs: dict[float, dict]) -> float:
-    """The largest LR below the first diverged one (all of them when none diverged)."""
+    """The largest LR below the first that fails to train: diverged (non-finite), or, since gradient clipping keeps
+    most failures finite, ending more than TRAINS_WITHIN above the arm's best loss at that size."""
+    finite = [float(r["final_val_loss"]) for r in runs.values() if r["diverged"] != "True"]
+    best = min(finite, default=math.inf)
     stable = math.nan
     for lr in sorted(runs):
-        if runs[lr]["diverged"] == "True":
+        if runs[lr]["diverged"] == "True" or float(runs[lr]["final_val_loss"]) > best * (1 + TRAINS_WITHIN):
             break
         stable = lr
     return stable
 
 
+def stability_cell(runs: dict[float, dict], lr: float, limit: float) -> str:
+    if lr not in runs:
+        return "–"
+    if runs[lr]["diverged"] == "True":
+        return "diverged"
+    return f"{float(runs[lr]['final_val_loss']):.3f}" + ("" if lr <= limit else " ✗")
+
+
 def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     lrs = sorted({lr for runs in grid.values() for lr in runs})
     lines = ["| arm | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    cell = lambda r: "–" if r is None else "diverged" if r["diverged"] == "True" else f"{float(r['final_val_loss']):.3f}"  # noqa: E731
-    return lines + [f"| {arm} | " + " | ".join(cell(runs.get(lr)) for lr in lrs) + " |" for arm, runs in grid.items()]
+    for arm, runs in grid.items():
+        limit = stable_up_to(runs)
+        lines.append(f"| {arm} | " + " | ".join(stability_cell(runs, lr, limit) for lr in lrs) + " |")
+    return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
 
 
 def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
@@ -76,7 +92,7 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
         stable = {arm: stable_up_to(grid[arm]) for arm in ("mea", p.baseline) if arm in grid}
         signs = [ratio > 1, mean.get("mea", 0) >= mean.get(p.baseline, math.inf), stable.get("mea", 0) > stable.get(p.baseline, math.inf)]
         out.append(f"**MEA tolerates larger learning rates.** At the target size mea's LR is {ratio:.2f}× {p.baseline}'s{width_text}; "
-                   f"largest LR trained without divergence at the largest swept size: mea {stable.get('mea', math.nan):.3g}, {p.baseline} {stable.get(p.baseline, math.nan):.3g}. "
+                   f"largest LR that still trains (within {TRAINS_WITHIN:.0%} of the arm's best loss) at the largest swept size: mea {stable.get('mea', math.nan):.3g}, {p.baseline} {stable.get(p.baseline, math.nan):.3g}. "
                    f"{'Agrees' if all(signs) else 'Partly agrees' if any(signs) else 'Disagrees'} at this scale ({sum(signs)} of these 3 point MEA's way).")
     if mea and base:
         delta = mea["final_val_loss"] - base["final_val_loss"]

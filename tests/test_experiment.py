@@ -64,7 +64,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path):
         probe = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(probe) == {"mha", "mea", "diff_nonorm"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}
     cell = "diverged" if probe["mea"]["diverged"] == "True" else f"{float(probe['mea']['final_val_loss']):.3f}"
-    assert re.search(rf"\| mea \| [^\n]* \| {cell} \|\n", report)
+    assert re.search(rf"\| mea \| [^\n]* \| {cell}( ✗)? \|\n", report)
     assert re.search(r"\| uncompressed \(control: the same continued pretraining\) \| [\d.]+ \| [\d.]+ \| ", report)
     n_runs = len(list((tmp_path / "runs").rglob("summary.json")))
     assert f"{n_runs} training runs took" in report and f"mea-experiment {spec}" in report
