@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mea.compare import compare
 from mea.compress import compress, parse_layers, write_compressed
-from mea.eval.perplexity import evaluate
+from mea.eval.perplexity import EVAL_WINDOWS, evaluate
 from mea.export import export, load_pretrained
 from mea.kv_report import kv_bytes_per_token
 from mea.models import LM
@@ -150,10 +150,12 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
     full, _ = load_pretrained(exported)
     full_val = evaluate(exported, data)["val_loss"]
     recover_steps = max(1, round(p.compression.recover_share * json.loads((source_run / "summary.json").read_text())["steps"]))
+    global_batch = OmegaConf.load(source_run / "config.yaml").trainer.global_batch
+    same_windows = f"trainer.eval_batches={max(1, EVAL_WINDOWS // global_batch)}"  # the recovery curve on mea-eval's windows
 
     def recover(name: str, folder: Path) -> float:
         train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
-                                        f"trainer.eval_every={max(1, recover_steps // 5)}", f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
+                                        f"trainer.eval_every={max(1, recover_steps // 5)}", same_windows, f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
                                         f"arm={p.compression.arm}-{name}", f"scheduler.warmup_steps={max(1, round(p.compression.warmup_share * recover_steps))}"])
         recovered = out / f"{name}-recovered"
         if not (recovered / "config.json").is_file():

@@ -191,15 +191,18 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
     for arm, g in fit["groups"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["sizes"]) + " |")
     lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "",
-              f"Final validation loss against LR at the largest swept size{', the grid continued to find where each arm diverges' if stability else ''}:", ""]
-    lines += stability_table(grid) + ["", "## From-scratch comparison", ""]
+              f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if stability else ''}:", ""]
+    lines += stability_table(grid) + ["", "## From-scratch comparison", "",
+                                     "Validation loss at equal tokens, each arm at its own law's LR. Tokens/s are the runs' own, on whatever else "
+                                     "the machine was doing; speed ratios measured side by side are in BENCHMARKS.md.", ""]
     for corpus, comp in comparisons.items():
         lines += [f"### {'main corpus' if corpus == 'main' else 'second corpus'}", ""] + table(comp["rows"], comp["baseline"]) + [""]
         prefix = "" if corpus == "main" else f"{corpus}_"
         lines += [f"![loss]({rel(prefix + 'loss_vs_tokens.png')}) ![delta]({rel(prefix + 'delta_vs_baseline.png')})", ""]
         if comp["notes"]:
             lines += [f"> {n}" for n in comp["notes"]] + [""]
-    lines += ["## KV-cache compression", "", f"Continued pretraining: {compression[0]['recover_steps']} steps, the same for every row.", "",
+    lines += ["## KV-cache compression", "", f"Continued pretraining: {compression[0]['recover_steps']} steps, the same for every row. Validation loss here is "
+              "`mea-eval`'s, over the first 256 validation windows (the trainer's own, in the table above, reads fewer).", "",
               "| setting | val loss after conversion | after continued pretraining | KV bytes/token (bf16) | decode ms/token (CPU, batch 4) |", "|---|---|---|---|---|"]
     for c in compression:
         lines.append(f"| {c['setting']} | {c['val_after_conversion']:.4f} | {c['val_after_recovery']:.4f} | {c['kv_bytes_per_token']:,} | {c['decode_ms']:.2f} |")

@@ -11,12 +11,12 @@ from .conftest import QUICK, compose_config, run_cli
 
 def test_train_cli_writes_the_run_directory(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("train.py", "model=tiny", "attention=mea", "trainer.max_steps=30", f"hydra.run.dir={run_dir}", *QUICK, "trainer.eval_every=10")
+    proc = run_cli("train.py", "model=tiny", "attention=mea", "trainer.max_steps=30", f"hydra.run.dir={run_dir}", *QUICK, "trainer.eval_every=12")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in rows] == [5, 10, 12, 15, 20, 24, 25, 30]  # every log step (5) and every eval step (12), off the log grid too
     assert all({"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in rows)
-    assert [r["step"] for r in rows if "val_loss" in r] == [10, 20, 30]
+    assert [r["step"] for r in rows if "val_loss" in r] == [12, 24, 30]
     assert rows[-1]["tokens"] == 30 * 8 * 64
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_val_loss"] == rows[-1]["val_loss"] and summary["final_train_loss"] == rows[-1]["loss"]

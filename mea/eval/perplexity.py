@@ -19,9 +19,11 @@ from mea.data import DataError, TokenWindows, prepare, validation_batches
 from mea.export import load_pretrained
 from mea.runs import RunError
 
+EVAL_WINDOWS = 256  # the first windows of the validation split: the same set for every model
+
 
 @torch.no_grad()
-def evaluate(model_dir: Path, overrides: list[str], max_windows: int = 256, batch_size: int = 8) -> dict:
+def evaluate(model_dir: Path, overrides: list[str], max_windows: int = EVAL_WINDOWS, batch_size: int = 8) -> dict:
     model, _ = load_pretrained(model_dir)
     cfg = compose_config([*overrides, f"data.tokenizer={model_dir.resolve() / 'tokenizer.json'}"])
     data = OmegaConf.to_object(cfg.data)

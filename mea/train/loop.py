@@ -188,7 +188,8 @@ def run(dict_cfg: DictConfig) -> dict:
                     f"{kept[-1] if kept else 'none'}; lower optim.lr or raise trainer.max_bad_steps"
                 )
 
-        if done % tc.log_every == 0 or done == tc.max_steps:
+        evaluating = done % tc.eval_every == 0 or done == tc.max_steps
+        if done % tc.log_every == 0 or evaluating:  # an eval step writes a row even off the log grid
             now = time.perf_counter()
             steps_in_window = max(1, len(state["window_losses"]))
             row = {
@@ -197,14 +198,14 @@ def run(dict_cfg: DictConfig) -> dict:
                 "loss": sum(state["window_losses"]) / steps_in_window if state["window_losses"] else float("nan"),
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": tc.log_every * tokens_per_step / (now - last_log_time),
+                "tokens_per_s": (done - last_row.get("step", start_step)) * tokens_per_step / (now - last_log_time),
                 "bad_steps": state["bad_steps_total"],
             }
             if peak:
                 row["mfu"] = row["tokens_per_s"] / tokens_per_step * flops_per_step / world_size / peak
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if done % tc.eval_every == 0 or done == tc.max_steps:
+            if evaluating:
                 state["val_loss"] = row["val_loss"] = evaluate(engine, val_windows, tc.eval_batches * tc.global_batch, micro, rank, world_size)
             metrics.log(row)
             progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
