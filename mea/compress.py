@@ -22,6 +22,8 @@ from mea.models import LM
 from mea.models.attention.mea import ExplicitAttention, MEAConfig, grouped_identity
 from mea.runs import RunError
 
+CONVERTIBLE = ("mha", "mea")  # variants whose heads are linear compositions of stored key/value heads
+
 
 def low_rank_heads(w_stored: torch.Tensor, hlc: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(stored weight of g heads, g × H composition, relative Frobenius error) of the best rank-g fit."""
@@ -37,7 +39,7 @@ def low_rank_heads(w_stored: torch.Tensor, hlc: torch.Tensor, g: int) -> tuple[t
 def compress(model: LM, kv_heads: int, layers: list[int] | None = None) -> tuple[LM, list[dict]]:
     """The model with `kv_heads` stored heads in `layers` (default: all), and each layer's reconstruction error."""
     cfg, attention = model.cfg, model.attention_cfg
-    if attention.name not in ("mha", "mea"):
+    if attention.name not in CONVERTIBLE:
         raise RunError(f"compression takes an mha or mea model, not attention={attention.name}; its heads are not a linear composition of stored heads")
     if not 1 <= kv_heads <= cfg.n_heads:
         raise RunError(f"--kv-heads {kv_heads} is not between 1 and the model's {cfg.n_heads} heads")

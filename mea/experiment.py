@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.compare import compare
-from mea.compress import compress, parse_layers, write_compressed
+from mea.compress import CONVERTIBLE, compress, parse_layers, write_compressed
 from mea.eval.perplexity import EVAL_WINDOWS, evaluate
 from mea.export import export, load_pretrained
 from mea.kv_report import kv_bytes_per_token
@@ -59,7 +59,7 @@ class Protocol:
     second_corpus: list[str] = field(default_factory=list)  # overrides of the data config for the repeat
     baseline: str = "mha"
     margin: float = 0.01
-    stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find each arm's diverging end
+    stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find where each arm fails to train
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
     spec: str = ""  # the file it was read from, for the report's command line
@@ -178,7 +178,7 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
 
 
 def stability_probe(p: Protocol, out: Path) -> Path | None:
-    """The LR grid continued past lr_max, at the same spacing, at the largest size only: where each arm diverges.
+    """The LR grid continued past lr_max, at the same spacing, at the largest size only: where each arm fails to train.
     Kept apart from the sweep so that the LR laws are fitted on the same grid for every arm."""
     s = p.sweep
     step = (math.log10(s.lr_max) - math.log10(s.lr_min)) / (s.lr_points - 1)
@@ -195,7 +195,7 @@ def check(p: Protocol) -> None:
     if c.arm not in p.sweep.arm_overrides():
         raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(p.sweep.arm_overrides())})")
     cfg = compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *p.sweep.arm_overrides()[c.arm]])
-    if cfg.attention.name not in ("mha", "mea"):
+    if cfg.attention.name not in CONVERTIBLE:
         raise SweepError(f"compression.arm={c.arm} is attention={cfg.attention.name}; conversion to stored heads takes an mha or mea arm")
     if not all(1 <= g < cfg.model.n_heads for g in c.kv_heads):
         raise SweepError(f"compression.kv_heads={list(c.kv_heads)}: each must be from 1 to {cfg.model.n_heads - 1}, below the target's {cfg.model.n_heads} heads")
