@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mea.plotting import plt, save_figure
+from mea.runs import made_with
 
 
 def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
@@ -132,13 +133,10 @@ def training_time(out: Path) -> str:
 
 def commands(p, out: Path) -> list[str]:
     """The one command, and the exact command line of one run of each kind, read from the run's Hydra record."""
-    import yaml
-
     def train_line(pattern: str) -> str | None:
         run = next(iter(sorted(out.glob(pattern))), None)
-        if run is None or not (run / ".hydra" / "overrides.yaml").is_file():
-            return None
-        return f"python train.py {' '.join(yaml.safe_load((run / '.hydra' / 'overrides.yaml').read_text()))} hydra.run.dir={run}"
+        overrides = None if run is None else made_with(run)
+        return None if overrides is None else f"python train.py {' '.join(overrides)} hydra.run.dir={run}"
 
     kinds = {"an LR-sweep run": "sweep/*/*/*", "a stability-probe run": "stability/*/*/*", "a from-scratch run": "compare-main/*/*", "a second-corpus run": "compare-second/*/*",
              "a recovery run": "compression/*-recover"}

@@ -13,6 +13,14 @@ class RunError(ValueError):
     """A run directory that cannot be read; one line naming it and the fix."""
 
 
+def made_with(run_dir: Path) -> list[str] | None:
+    """The command-line overrides the run was started with (Hydra's record), None when it has none."""
+    import yaml
+
+    record = run_dir / ".hydra" / "overrides.yaml"
+    return list(yaml.safe_load(record.read_text())) if record.is_file() else None
+
+
 @dataclass
 class Run:
     path: Path
