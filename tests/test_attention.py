@@ -81,7 +81,7 @@ def test_folded_hlc_equals_explicit_composition(n_kv_heads, device):
 def test_head_norm_is_torch_group_norm_with_one_group_per_head(device):
     """mha_gn = W_O GroupNorm_H(o) with torch's own GroupNorm as the reference: the per-channel scale, folded
     into W_O in the module, must land on the right head and channel."""
-    from mea.models.attention.base import HeadShape, Rotary, causal_attention, merge_heads
+    from mea.models.attention.base import HeadShape, Rotary, causal_attention
     from mea.models.attention.mha_gn import MHAGroupNormConfig, MultiHeadAttentionGroupNorm
 
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def test_head_norm_is_torch_group_norm_with_one_group_per_head(device):
     y = on(device, attn, x, pos)
     rope = Rotary(pos, 10000.0)
     q, k, v = attn.project(x)
-    o = merge_heads(causal_attention(rope(q), rope(k), v)).reshape(2 * T, C)
+    o = causal_attention(rope(q), rope(k), v).transpose(1, 2).reshape(2 * T, C)
     expected = torch.nn.functional.group_norm(o, H, attn.head_norm.weight.flatten(), eps=1e-5) @ attn.wo.weight.T
     torch.testing.assert_close(y, expected.view(2, T, C), rtol=1e-4, atol=1e-5)
 
@@ -111,8 +111,8 @@ def rope_ref(x, positions, theta=10000.0):
     d = x.shape[-1]
     inv = theta ** -(torch.arange(0, d, 2).float() / d)
     ang = positions.float()[:, None] * inv
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # channel pairs (2i, 2i+1) turn by angle i
+    return torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], dim=-1).flatten(-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, register
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, register, rotate
 from .mha import MultiHeadAttention
 
 
@@ -46,7 +46,6 @@ class DifferentialAttention(MultiHeadAttention):
         )
         if cfg.norm:
             self.head_norm = HeadNorm(shape.n_heads, shape.head_dim, center=False, gain=1.0 - self.lambda_init)
-        self.register_buffer("first_half", (torch.arange(shape.head_dim) < half).float(), persistent=False)
 
     def lambda_(self) -> torch.Tensor:
         return (
@@ -57,19 +56,15 @@ class DifferentialAttention(MultiHeadAttention):
 
     def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.project(x_BTC)
-        q, k = rope_halves(q, rope), rope_halves(k, rope)
+        # Each half is rotated as a head of width D/2. q¹·k¹ is then q rotated with its second half zeroed, dotted
+        # with the whole k (likewise q²·k²): both maps run the fused kernel at the full width D, where E = Ev keeps
+        # SDPA on its flash path (2.3x faster on CPU than halves), and the zeroing rides on the rotation.
+        turns = rope.turns(self.shape.head_dim // 2)
+        zero = torch.zeros_like(turns)
+        k = rotate(k, torch.cat([turns, turns], dim=-1))
         if cache is not None:
             k, v = cache.update(k, v)
-        # q¹·k¹ is q with its second half zeroed, dotted with the whole k (likewise q²·k²): both maps then run the
-        # fused kernel at the full width D, where E = Ev keeps SDPA on its flash path (2.3x faster on CPU than halves).
-        first = self.first_half.to(q.dtype)
         scale = default_scale(self.shape.head_dim // 2)
-        o = torch.addcmul(causal_attention(q * first, k, v, scale), causal_attention(q * (1 - first), k, v, scale), -self.lambda_())
-        return self.output(o)
-
-
-def rope_halves(x_BhTD: torch.Tensor, rope: Rotary) -> torch.Tensor:
-    """RoPE on each half of every head, as on heads of width D/2: one call with the halves as a batch axis."""
-    B, h, T, D = x_BhTD.shape
-    halves_Bh2TE = x_BhTD.view(B, h, T, 2, D // 2).transpose(2, 3)
-    return rope(halves_Bh2TE).transpose(2, 3).reshape(B, h, T, D)
+        o1 = causal_attention(rotate(q, torch.cat([turns, zero], dim=-1)), k, v, scale)
+        o2 = causal_attention(rotate(q, torch.cat([zero, turns], dim=-1)), k, v, scale)
+        return self.output(torch.addcmul(o1, o2, -self.lambda_()))

@@ -43,8 +43,10 @@ class TalkingHeadsAttention(MultiHeadAttention):
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         logits_BHTS = (q * default_scale(self.shape.head_dim)) @ k.transpose(-2, -1)  # scale the small side
         T, S = logits_BHTS.shape[-2:]
-        # in place: backward needs neither the mixed logits nor a second T×S buffer
-        logits_BHTS = mix_heads(logits_BHTS, self.mix_logits).masked_fill_(~causal_mask(T, S, x_BTC.device), float("-inf"))
+        # Adding a 0/−inf bias, not masked_fill: its backward is free (the softmax already gives masked positions
+        # zero gradient), and not in place: an in-place op on the mixed maps' view copies T×S maps in backward.
+        causal_bias = torch.zeros(T, S, dtype=logits_BHTS.dtype, device=x_BTC.device).masked_fill_(~causal_mask(T, S, x_BTC.device), float("-inf"))
+        logits_BHTS = mix_heads(logits_BHTS, self.mix_logits) + causal_bias
         weights_BHTS = mix_heads(logits_BHTS.softmax(dim=-1), self.mix_weights)
         return self.output(weights_BHTS @ v)
 
