@@ -21,6 +21,7 @@ import numpy as np
 
 from mea.plotting import plt, save_figure
 from mea.runs import Run, RunError, read_run
+from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
 
 
 def ema(values: list[float], beta: float) -> np.ndarray:
@@ -127,10 +128,7 @@ def plot_curves(groups: dict[str, list[Run]], baseline: str, out: Path, beta: fl
 
 
 def plot_lr_sensitivity(results: Path, out: Path) -> Path:
-    import csv
-
-    with open(results) as f:
-        rows = [r for r in csv.DictReader(f)]
+    rows = read_results(results)
     sizes = sorted({r["size"] for r in rows})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes):
@@ -202,20 +200,12 @@ def wandb_runs(path: str, group: str | None, cache: Path) -> list[Path]:
 
 def best_runs(results: Path) -> list[Path]:
     """From a sweep: each variant's best-LR run (lowest smoothed train loss, not diverged) at the largest size."""
-    import csv
-
     if not results.is_file():
         raise RunError(f"{results} does not exist; give a sweep's results.csv")
-    with open(results) as f:
-        rows = [r for r in csv.DictReader(f) if r["diverged"] != "True"]
+    rows = trained(read_results(results))
     if not rows:
         raise RunError(f"{results} holds no finished, non-diverged run")
-    largest = max(rows, key=lambda r: float(r["non_embedding_params"]))["size"]  # variants differ by a few parameters
-    best: dict[str, dict] = {}
-    for r in rows:
-        if r["size"] == largest and (r["variant"] not in best or float(r["final_train_loss"]) < float(best[r["variant"]]["final_train_loss"])):
-            best[r["variant"]] = r
-    return [Path(r["run_dir"]) for r in best.values()]
+    return [Path(r["run_dir"]) for r in best_by_arm(at_largest_size(rows)).values()]
 
 
 def compare(run_dirs: list[Path], out: Path, baseline: str | None, results: Path | None = None, beta: float = 0.9, log_x: bool = False) -> dict:

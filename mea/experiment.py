@@ -29,7 +29,7 @@ from mea.kv_report import kv_bytes_per_token
 from mea.models import LM
 from mea.models.attention.mha import MHAConfig
 from mea.runs import made_with
-from mea.scaling.sweep import ROOT, SweepError, SweepSpec, compose_run, run_sweep
+from mea.scaling.sweep import ROOT, SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, read_results, run_sweep, trained
 
 
 @dataclass
@@ -107,10 +107,7 @@ def target_size(p: Protocol) -> float:
 
 def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
     """Each arm's LR for the target: its law's prediction, else its best swept LR at the largest size (said so)."""
-    import csv
-
-    with open(results) as f:
-        rows = [r for r in csv.DictReader(f) if r["diverged"] != "True"]
+    rows = trained(read_results(results))
     out = {}
     for arm in p.sweep.arm_overrides():
         law = fit["groups"].get(arm, {})
@@ -121,8 +118,7 @@ def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
             mine = [r for r in rows if r["variant"] == arm]
             if not mine:
                 raise SweepError(f"arm {arm}: every sweep run diverged and no law was fitted; lower the LR grid")
-            largest = max(float(r["non_embedding_params"]) for r in mine)
-            best = min((r for r in mine if float(r["non_embedding_params"]) == largest), key=lambda r: float(r["final_train_loss"]))
+            best = best_by_arm(at_largest_size(mine))[arm]
             out[arm] = {"lr": float(best["lr"]), "ci": None, "source": f"no law ({law.get('message', 'no optimum')}); best swept LR at the largest size"}
     return out
 

@@ -14,6 +14,7 @@ import torch
 
 from mea.plotting import plt, save_figure
 from mea.runs import made_with
+from mea.scaling.sweep import at_largest_size, read_results
 
 
 def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
@@ -34,17 +35,9 @@ def standard_error(a: dict, b: dict) -> float:
 
 def largest_size_runs(results: Path, stability: Path | None) -> dict[str, dict[float, dict]]:
     """arm -> LR -> the run at the sweep's largest size, the stability probe's LRs included."""
-    import csv
-
-    rows = []
-    for path in filter(None, (results, stability)):
-        with open(path) as f:
-            rows += list(csv.DictReader(f))
-    largest = max(rows, key=lambda r: float(r["non_embedding_params"]))["size"]
     grid: dict[str, dict[float, dict]] = {}
-    for r in rows:
-        if r["size"] == largest:
-            grid.setdefault(r["variant"], {})[float(r["lr"])] = r
+    for r in at_largest_size(read_results(*filter(None, (results, stability)))):
+        grid.setdefault(r["variant"], {})[float(r["lr"])] = r
     return grid
 
 

@@ -2,11 +2,15 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mea.compare import best_runs
+from mea.report import largest_size_runs
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
+from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
 
 from .conftest import run_cli
 
@@ -136,6 +140,10 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
     assert all(int(r["tokens"]) == 24 * 256 for r in rows) and all(r["variant"] == "mea" for r in rows)
     assert set(rows[0]) == {"variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
                             "final_train_loss", "final_val_loss", "diverged", "wall_time_s", "run_dir"}
+    largest = [r for r in rows if r["size"] == "w64" and r["diverged"] != "True"]
+    best = best_by_arm(at_largest_size(trained(read_results(tmp_path / "out" / "results.csv"))))
+    assert best["mea"] == min(largest, key=lambda r: float(r["final_train_loss"]))
+    assert best_runs(tmp_path / "out" / "results.csv") == [Path(best["mea"]["run_dir"])]
     again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)
     assert again.returncode == 0 and again.stdout.count("is already done") == 6
     fit = run_cli("sweeps/fit.py", "lr-law", str(tmp_path / "out" / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
@@ -144,6 +152,23 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
     report = json.loads((tmp_path / "fit" / "fit.json").read_text())
     sizes = report["groups"]["mea"]["sizes"]
     assert len(sizes) == 2 and all(("lr" in s) or ("message" in s) for s in sizes)
+
+
+def test_results_readers_take_each_arms_best_trained_run_at_the_largest_size(tmp_path):
+    """Arms of one size differ by a few parameters; a diverged run never wins; the report's grid keeps it."""
+    def row(variant, size, params, lr, loss, diverged=False):
+        return {"variant": variant, "size": size, "non_embedding_params": params, "lr": lr, "final_train_loss": loss,
+                "diverged": diverged, "run_dir": f"/runs/{size}/{variant}/{lr}"}
+
+    path = write_csv(tmp_path / "results.csv", [
+        row("mha", "small", 1000, 0.01, 2.0), row("mea", "small", 1010, 0.01, 1.9),  # lower losses, smaller size
+        row("mha", "big", 5000, 0.001, 3.0), row("mha", "big", 5000, 0.003, 2.8), row("mha", "big", 5000, 0.01, 1.0, diverged=True),
+        row("mea", "big", 5032, 0.003, 2.9), row("mea", "big", 5032, 0.01, 2.7),
+    ])
+    best = best_by_arm(at_largest_size(trained(read_results(path))))
+    assert {arm: (r["size"], r["lr"]) for arm, r in best.items()} == {"mha": ("big", "0.003"), "mea": ("big", "0.01")}
+    assert best_runs(path) == [Path("/runs/big/mha/0.003"), Path("/runs/big/mea/0.01")]
+    assert sorted(largest_size_runs(path, None)["mha"]) == [0.001, 0.003, 0.01]
 
 
 def test_bad_sweep_spec(tmp_path):

@@ -144,6 +144,34 @@ def collect(out: Path) -> Path:
     return out / "results.csv"
 
 
+def read_results(*paths: Path) -> list[dict]:
+    """The rows of results.csv files as `collect` writes them (every value a string)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def trained(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["diverged"] != "True"]
+
+
+def at_largest_size(rows: list[dict]) -> list[dict]:
+    """The rows of the largest size, picked by non-embedding parameters (the arms of one size differ by a few)."""
+    largest = max(rows, key=lambda r: float(r["non_embedding_params"]))["size"]
+    return [r for r in rows if r["size"] == largest]
+
+
+def best_by_arm(rows: list[dict]) -> dict[str, dict]:
+    """Each arm's row of lowest final train loss."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["variant"] not in best or float(r["final_train_loss"]) < float(best[r["variant"]]["final_train_loss"]):
+            best[r["variant"]] = r
+    return best
+
+
 def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False) -> Path | None:
     """Run (or resume) every multirun of the spec, then write results.csv; returns its path (None for a dry run)."""
     out = Path(spec.out)
