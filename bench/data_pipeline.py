@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import describe  # noqa: E402
 from mea.config import DataConfig  # noqa: E402
 from mea.data import Batches, TokenWindows, prepare  # noqa: E402
 from mea.data.shards import ENCODE_BATCH, batched  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
         opt.zero_grad()
     step_rate = 5 / (time.perf_counter() - start)
 
-    print(f"device: CPU, {torch.get_num_threads()} threads · corpus {args.corpus}: {len(texts):,} documents, {n:,} tokens · median of {args.rounds} rounds")
+    print(f"device: {describe(torch.device('cpu'))} · corpus {args.corpus}: {len(texts):,} documents, {n:,} tokens · median of {args.rounds} rounds")
     print(f"raw tokenizers encode_batch_fast: {statistics.median(raw):12,.0f} tokens/s")
     print(f"prepare (datasets+shards+sha256): {statistics.median(full):12,.0f} tokens/s  ratio {statistics.median(full) / statistics.median(raw):.2f} (target >= 0.80)")
     print(f"loader: {loader_rate:,.0f} batches/s of 16 x 256 · tiny model: {step_rate:.1f} steps/s · loader/model {loader_rate / step_rate:,.0f}x")

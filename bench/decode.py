@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import describe, sync  # noqa: E402
 from mea.models.attention.base import HeadShape, KVCache, Rotary, causal_attention  # noqa: E402
 from mea.models.attention.mea import ExplicitAttention, MEAConfig, compose, side_by_side  # noqa: E402
 from mea.models.attention.mha import MHAConfig, MultiHeadAttention  # noqa: E402
@@ -67,15 +68,12 @@ def main() -> None:
         for _ in range(p["reps"]):
             for name, (step, _, _) in arms.items():
                 caches[name].length = S  # the same cached length every repetition
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 start = time.perf_counter()
                 step(caches[name])
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 times[name].append(time.perf_counter() - start)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where} · {dtype} · batch {B}, {H} heads of {D}, {S} cached tokens · median of {p['reps']} steps")
+    print(f"device: {describe(device)} · {dtype} · batch {B}, {H} heads of {D}, {S} cached tokens · median of {p['reps']} steps")
     base = statistics.median(times["full cache (H heads)"][2:])
     print(f"{'arm':<24} {'ms/step':>8} {'vs full':>8} {'cache MiB':>10}")
     for name, ts in times.items():

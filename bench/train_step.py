@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import describe, sync  # noqa: E402
 from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
 from mea.models.attention.mea import MEAConfig  # noqa: E402
 
@@ -60,11 +61,6 @@ def saved_activation_bytes(forward, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward(x)
     return sum(storages.values())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -120,8 +116,7 @@ def main() -> None:
 
     peak = matmul_peak(device, dtype)
     tokens = p["batch"] * p["seq_len"]
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where} · torch {torch.__version__} · {dtype} · compile={args.compile}")
+    print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}")
     print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     base = statistics.median(times["mha"])

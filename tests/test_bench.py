@@ -1,0 +1,33 @@
+"""The benchmark scripts run and print what BENCHMARKS.md records, importing torch and mea.models only (the GPU
+machine has nothing else). Figures are never asserted here: timings belong to the benchmarks themselves."""
+import re
+
+from .conftest import run_cli
+
+NOT_ON_THE_GPU_MACHINE = ["hydra", "omegaconf", "deepspeed", "wandb", "datasets"]
+
+
+def run_bench(script: str, *args: str):
+    """Runs bench/<script> as `python bench/<script>` would, then fails if it imported a package the GPU machine lacks."""
+    code = (f"import runpy, sys; sys.argv = ['bench/{script}', *{list(args)!r}]; runpy.run_path('bench/{script}', run_name='__main__'); "
+            f"extra = sorted(set({NOT_ON_THE_GPU_MACHINE!r}) & set(sys.modules)); assert not extra, f'imported {{extra}}'")
+    proc = run_cli("-c", code, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_bench_prints_every_variant_against_mha():
+    from mea.models import REGISTRY
+
+    out = run_bench("train_step.py", "--rounds", "1")
+    assert re.search(r"device: CPU .*, \d+ threads", out) and "measured matmul peak" in out
+    rows = {m[1]: m for m in re.finditer(r"^(\S+(?: \(einsum HLC\))?) +([\d,]+) +([\d.]+) +([\d.]+)% +([\d,]+) +([\d.]+)$", out, re.M)}
+    assert set(rows) == set(REGISTRY) | {"mea (einsum HLC)"}
+    assert rows["mha"][3] == "1.000" and rows["mha"][6] == "1.000"
+    assert all(float(r[3]) > 0 and 0 < float(r[4]) < 100 for r in rows.values())
+
+
+def test_decode_bench_halves_the_cache():
+    out = run_bench("decode.py")
+    cache = {m[1].strip(): float(m[3]) for m in re.finditer(r"^(.{24}) +([\d.]+) +[\d.]+ +([\d.]+)$", out, re.M)}
+    assert cache["half cache, absorbed"] == cache["half cache, expanded"] == cache["full cache (H heads)"] / 2
