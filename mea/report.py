@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -120,8 +121,11 @@ def table(rows: list[dict], baseline: str) -> list[str]:
 
 
 def training_time(out: Path) -> str:
+    """How many runs, their training time, and the code they ran (git commits, with how many runs each)."""
     summaries = [json.loads(f.read_text()) for f in out.rglob("summary.json")]
-    return f"{len(summaries)} training runs took {sum(s.get('wall_time_s', 0.0) for s in summaries) / 60:.1f} min in all"
+    code = Counter(s.get("code", "not recorded") for s in summaries)
+    versions = ", ".join(f"{c} ({n} runs)" for c, n in code.most_common())
+    return f"{len(summaries)} training runs took {sum(s.get('wall_time_s', 0.0) for s in summaries) / 60:.1f} min in all · code: {versions}"
 
 
 def commands(p, out: Path) -> list[str]:

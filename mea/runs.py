@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,18 @@ def made_with(run_dir: Path) -> list[str] | None:
 
     record = run_dir / ".hydra" / "overrides.yaml"
     return list(yaml.safe_load(record.read_text())) if record.is_file() else None
+
+
+def code_version() -> str:
+    """The git commit of this mea checkout, `-dirty` when tracked files differ from it, so that a run or a report
+    names the code that made it."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("-dirty" if dirty else "")
 
 
 @dataclass

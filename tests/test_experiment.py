@@ -3,6 +3,8 @@ import csv
 import json
 import re
 
+from mea.runs import code_version
+
 from .conftest import SHAKESPEARE, run_cli
 
 SPEC = """
@@ -70,5 +72,6 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path):
     assert re.search(r"\| uncompressed \(control: the same continued pretraining\) \| [\d.]+ \| [\d.]+ \| ", report)
     n_runs = len(list((tmp_path / "runs").rglob("summary.json")))
     assert f"{n_runs} training runs took" in report and f"mea-experiment {spec}" in report
+    assert f"code: {code_version()} ({n_runs} runs)" in report  # every run names the commit that trained it
     recovery = next(line for line in report.splitlines() if line.startswith("python train.py") and "+experiment=recover" in line)
     assert "trainer.init_from=" in recovery and "compression/" in recovery

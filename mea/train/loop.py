@@ -17,6 +17,7 @@ from tqdm import tqdm
 from mea.config import ConfigError, TrainConfig, validate
 from mea.data import Batches, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
+from mea.runs import code_version
 
 from . import checkpoint
 from .engine import Engine, build_engine, describe, setup_distributed
@@ -182,7 +183,8 @@ def run(dict_cfg: DictConfig) -> dict:
                 if rank == 0:  # a diverged run is a result too (an LR sweep records it), not a crash to retry
                     write_json(run_dir / "summary.json", {"variant": cfg.label, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
                                                           "params": params["total"], "non_embedding_params": params["non_embedding"], "final_train_loss": float("nan"),
-                                                          "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir)})
+                                                          "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir),
+                                                          "code": code_version()})
                 raise TrainingError(
                     f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {done}); stopped, last good checkpoint: "
                     f"{kept[-1] if kept else 'none'}; lower optim.lr or raise trainer.max_bad_steps"
@@ -241,6 +243,7 @@ def run(dict_cfg: DictConfig) -> dict:
             "world_size": world_size,
             "run_dir": str(run_dir),
             "data": corpus.path.name,
+            "code": code_version(),
             "sample": generate_sample(run_dir / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
         }
         write_json(run_dir / "summary.json", summary)
