@@ -48,7 +48,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def saved_activation_bytes(forward, x: torch.Tensor) -> int:
+def saved_activation_bytes(forward, *inputs: torch.Tensor) -> int:
     """Bytes of the tensors autograd keeps for backward (each storage once): the activation memory of a step,
     measured the same way on every device."""
     storages: dict[int, int] = {}
@@ -59,7 +59,7 @@ def saved_activation_bytes(forward, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward(x)
+        forward(*inputs)
     return sum(storages.values())
 
 

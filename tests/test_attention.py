@@ -243,3 +243,51 @@ def test_generate_is_deterministic_and_greedy_matches_argmax():
     assert torch.equal(out[:, 6:], m.generate(out[:, :6], 5, temperature=0)[:, 6:])
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert torch.equal(m.generate(prompt, 8, top_k=5, generator=g()), m.generate(prompt, 8, top_k=5, generator=g()))
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_norm_then_project_backward_is_exact(center):
+    """The hand-written backward, which rebuilds norm(o) from o, against finite differences (float64), with o in
+    the transposed layout the attention kernel hands over."""
+    from mea.models.attention.base import NormThenProject
+
+    torch.manual_seed(0)
+    o_BHTD = torch.randn(2, 4, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda o, w: NormThenProject.apply(o.transpose(1, 2), w, center, 1e-5), (o_BHTD, w))
+
+
+@pytest.mark.parametrize("variant", ["mha_gn", "mea"])
+def test_head_norm_keeps_no_activation_more_than_mha(variant):
+    """For backward a normed layer keeps what `mha`'s keeps plus its folded weights and two statistics per head
+    and position — not the normalised heads, which backward rebuilds."""
+    from bench.train_step import saved_activation_bytes
+    from mea.models.attention.base import HeadShape, Rotary
+
+    B, T, C, H = 2, 64, 64, 4
+    shape, x, rope = HeadShape(C, H, H), torch.randn(B, T, C, requires_grad=True), Rotary(torch.arange(T), 10000.0)
+    kept = {name: saved_activation_bytes(REGISTRY[name](REGISTRY[name].Config(), shape, 0), x, rope) for name in ("mha", variant)}
+    folded_weights = (4 if variant == "mea" else 1) * C * C * 4  # W_O, and for mea the whole QKV projection
+    activation = B * T * C * 4
+    assert 0 < kept[variant] - kept["mha"] - folded_weights < activation / 4  # statistics: 2 of every D = 16 values
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("center", [True, False])
+def test_norm_then_project_under_bf16_autocast_matches_torch_norms(center):
+    from mea.models.attention.base import NormThenProject
+
+    torch.manual_seed(0)
+    o = torch.randn(2, 16, 4, 32, device="cuda", requires_grad=True)
+    w = torch.randn(64, 128, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = NormThenProject.apply(o, w, center, 1e-5)
+        norm = torch.nn.functional.layer_norm if center else torch.nn.functional.rms_norm
+        y_ref = torch.nn.functional.linear(norm(o, (32,), eps=1e-5).flatten(-2), w)
+    g = torch.randn_like(y)
+    grads, grads_ref = torch.autograd.grad(y, (o, w), g), torch.autograd.grad(y_ref, (o, w), g)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)

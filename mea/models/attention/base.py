@@ -96,8 +96,9 @@ class HeadNorm(nn.Module):
     """Normalises each head's output vector on its own, with a learned scale per head and channel.
 
     center=True is GroupNorm with one group per head (mean and variance); center=False is RMSNorm per head.
-    The scale (times a fixed gain) is linear and comes right before W_O, so it is folded into W_O's columns —
-    `fold(W_O)` — rather than applied to the activations: no extra pass over (B, H, T, D), nothing more saved.
+    The scale (times a fixed gain) is linear and comes right before W_O, so it is folded into W_O's columns
+    rather than applied to the activations, and `project` normalises and projects in one autograd step that
+    keeps only what the attention kernel keeps anyway: no extra pass over (B, T, H, D), nothing more saved.
     """
 
     def __init__(self, n_heads: int, head_dim: int, center: bool, eps: float = 1e-5, gain: float = 1.0):
@@ -107,14 +108,51 @@ class HeadNorm(nn.Module):
         self.gain = gain
         self.weight = nn.Parameter(torch.ones(n_heads, 1, head_dim))
 
-    def forward(self, o_heads: torch.Tensor) -> torch.Tensor:
-        """The normalised heads (head width last, in any layout), before the scale."""
-        width = (o_heads.shape[-1],)
-        return F.layer_norm(o_heads, width, eps=self.eps) if self.center else F.rms_norm(o_heads, width, eps=self.eps)
+    def project(self, o_BTHD: torch.Tensor, w_out_CX: torch.Tensor) -> torch.Tensor:
+        """W_O [γ·gain·norm(o_1) … γ·gain·norm(o_H)], heads merged: (B, T, H, D) -> (B, T, C)."""
+        return NormThenProject.apply(o_BTHD, w_out_CX * (self.weight * self.gain).reshape(1, -1), self.center, self.eps)
 
-    def fold(self, w_out_CX: torch.Tensor) -> torch.Tensor:
-        """W_O diag(γ·gain), for heads merged as (B, T, H·D)."""
-        return w_out_CX * (self.weight * self.gain).reshape(1, -1)
+
+class NormThenProject(torch.autograd.Function):
+    """y = norm(o) Wᵀ over merged heads, norm(o) = (o − μ)·r per head (μ = 0 for RMS), r = 1/√(mean((o − μ)²) + eps).
+
+    W's gradient needs norm(o), a (B, T, H·D) tensor that plain autograd would keep; backward rebuilds it from o
+    (which the attention kernel keeps anyway) and the per-head statistics, one pass more instead. Statistics in
+    float32, as torch's norms compute them.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, o_BTHD: torch.Tensor, w_CX: torch.Tensor, center: bool, eps: float) -> torch.Tensor:
+        width = (o_BTHD.shape[-1],)
+        if center:
+            n, mean, rstd = torch.native_layer_norm(o_BTHD, width, None, None, eps)
+        else:
+            mean, rstd = None, torch.rsqrt(at_least_float32(o_BTHD).square().mean(-1, keepdim=True) + eps)
+            n = (o_BTHD * rstd).to(o_BTHD.dtype)
+        ctx.center, ctx.eps = center, eps
+        ctx.save_for_backward(o_BTHD, mean, rstd, w_CX)
+        return F.linear(n.flatten(-2), w_CX)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g_BTC: torch.Tensor):
+        o, mean, rstd, w = ctx.saved_tensors
+        width = (o.shape[-1],)
+        n32 = None if ctx.center else at_least_float32(o) * rstd
+        n = torch.native_layer_norm(o, width, None, None, ctx.eps)[0] if ctx.center else n32.to(o.dtype)
+        dn = (g_BTC @ w.to(g_BTC.dtype)).view(o.shape)
+        dw = g_BTC.flatten(0, -2).t() @ n.flatten(-2).flatten(0, -2).to(g_BTC.dtype)
+        if ctx.center:
+            do = torch.ops.aten.native_layer_norm_backward(dn, o, width, mean, rstd, None, None, [True, False, False])[0]
+        else:  # d/do of o·r with r = 1/√(mean(o²) + eps)
+            dn32 = at_least_float32(dn)
+            do = (rstd * (dn32 - n32 * (dn32 * n32).mean(-1, keepdim=True))).to(o.dtype)
+        return do, dw, None, None
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class KVCache:

@@ -3,7 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, register, split_heads
@@ -52,9 +51,9 @@ class MultiHeadAttention(nn.Module):
 
     def output(self, o_BHTD: torch.Tensor) -> torch.Tensor:
         """y = W_O [o_1 … o_H], through the head norm where a variant has one (its scale folded into W_O)."""
-        # Normalising heads after moving them next to each other lets the merge be a view wherever the kernel
-        # wrote its output position-major (as SDPA does): no copy, and one stored tensor less for backward.
+        # Heads moved next to each other before the norm: a view wherever the kernel wrote its output
+        # position-major (as SDPA does), so neither path copies o or keeps more than the kernel keeps.
         o_BTHD = o_BHTD.transpose(1, 2)
         if self.head_norm is None:
             return self.wo(o_BTHD.flatten(2))
-        return F.linear(self.head_norm(o_BTHD).flatten(2), self.head_norm.fold(self.wo.weight))
+        return self.head_norm.project(o_BTHD, self.wo.weight)
