@@ -139,8 +139,11 @@ class NormThenProject(torch.autograd.Function):
     def backward(ctx, g_BTC: torch.Tensor):
         o, mean, rstd, w = ctx.saved_tensors
         width = (o.shape[-1],)
-        n32 = None if ctx.center else at_least_float32(o) * rstd
-        n = torch.native_layer_norm(o, width, None, None, ctx.eps)[0] if ctx.center else n32.to(o.dtype)
+        if ctx.center:
+            n = torch.native_layer_norm(o, width, None, None, ctx.eps)[0]
+        else:
+            n32 = at_least_float32(o) * rstd
+            n = n32.to(o.dtype)
         dn = (g_BTC @ w.to(g_BTC.dtype)).view(o.shape)
         dw = g_BTC.flatten(0, -2).t() @ n.flatten(-2).flatten(0, -2).to(g_BTC.dtype)
         if ctx.center:
