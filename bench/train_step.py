@@ -4,8 +4,10 @@
     python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
 
 Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak.
-Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike; each figure
-is the median over rounds. Imports torch and mea.models only, so it runs on a bare GPU machine.
+Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike, each round
+starting one variant later, and each variant's timed steps follow one untimed step of its own: on a CPU the
+allocator's heap (how much of it must be faulted in again) otherwise carries over from the variant before, which
+moved ratios by up to 3%. Each figure is the median over rounds. Imports torch and mea.models only, so it runs on a bare GPU machine.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import describe, sync  # noqa: E402
 from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
+from mea.models.attention.diff import DiffConfig  # noqa: E402
 from mea.models.attention.mea import MEAConfig  # noqa: E402
 
 PRESETS = {
@@ -31,6 +34,7 @@ PRESETS = {
 def arms() -> dict[str, object]:
     arms = {name: cls.Config() for name, cls in REGISTRY.items()}
     arms["mea (einsum HLC)"] = MEAConfig(fold_hlc=False)
+    arms["diff (paired heads)"] = DiffConfig(pair_heads=True)
     return dict(sorted(arms.items(), key=lambda kv: (kv[0] != "mha", kv[0])))
 
 
@@ -105,8 +109,10 @@ def main() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):  # what the timed forward keeps
             saved[name] = saved_activation_bytes(models[name][2], x[:, :-1]) / 2**20
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name in models:
+    names = list(models)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            step(name)  # untimed: the allocator's heap is then this variant's, not the one before it's
             sync(device)
             start = time.perf_counter()
             for _ in range(p["steps"]):

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mea.models import REGISTRY, AttentionConfig, ModelConfig, check_shape, variant_class
+from mea.models import REGISTRY, AttentionConfig, ModelConfig, check_layers, variant_class
 
 
 class ConfigError(ValueError):
@@ -162,9 +162,7 @@ def validate(cfg: DictConfig | Any, only: str | None = None) -> None:
     if only == "data":
         return
     try:
-        variant = variant_class(cfg.attention.name)
-        OmegaConf.to_object(cfg.attention)  # the variant's own checks
-        check_shape(cfg.model, variant.any_kv_heads)
+        check_layers(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.attention))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:

@@ -28,7 +28,7 @@ def tokens(B=2, T=24, seed=1):
 
 def all_variants():
     configs = [cls.Config() for cls in REGISTRY.values()]
-    configs += [DiffConfig(norm=False), MEAConfig(hlc_init="random"), MEAConfig(fold_hlc=False, hlc_init="random")]
+    configs += [DiffConfig(norm=False), DiffConfig(pair_heads=True), MEAConfig(hlc_init="random"), MEAConfig(fold_hlc=False, hlc_init="random")]
     return configs
 
 
@@ -116,16 +116,19 @@ def rope_ref(x, positions, theta=10000.0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("layer", [0, 3])
-def test_diff_equals_its_equations(norm, layer, device):
-    """A direct transcription of Ye et al.'s equations, with explicit softmax maps."""
+@pytest.mark.parametrize("norm, layer, pair_heads", [(True, 0, False), (False, 3, False), (True, 3, True), (False, 0, True)])
+def test_diff_equals_its_equations(norm, layer, pair_heads, device):
+    """A direct transcription of Ye et al.'s equations, with explicit softmax maps; pair_heads=true is the same
+    with H/2 heads of twice the width."""
     from mea.models.attention.base import HeadShape
     from mea.models.attention.diff import DifferentialAttention
 
     torch.manual_seed(0)
-    C, H, D, T = 32, 4, 8, 10
-    attn = DifferentialAttention(DiffConfig(norm=norm), HeadShape(C, H, H), layer)
+    C, H, T = 32, 4, 10
+    attn = DifferentialAttention(DiffConfig(norm=norm, pair_heads=pair_heads), HeadShape(C, H, H), layer)
+    if pair_heads:
+        H = H // 2
+    D = C // H
     with torch.no_grad():
         if norm:
             attn.head_norm.weight.uniform_(0.5, 1.5)

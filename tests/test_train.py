@@ -43,6 +43,7 @@ def test_every_variant_learns_real_text(variant, tmp_path, shakespeare):
         ("model=huge", "Could not find 'model/huge'"),
         ("model.n_heads=3", "model.n_heads=3 does not divide model.dim=128"),
         ("model.n_kv_heads=5", "model.n_kv_heads=5 exceeds model.n_heads=4; allowed: [1, 2, 3, 4] or null"),  # mea: HLC takes any G
+        ("attention=diff attention.pair_heads=true model.n_kv_heads=1", "attention.pair_heads=true needs even model.n_heads and model.n_kv_heads"),
         ("attention.hlc_init=zeros", "attention.hlc_init='zeros' is not allowed; choose one of: identity, identity_noise, random"),
         ("scheduler.name=linear", "scheduler.name='linear' is not allowed; choose one of: cosine, wsd, constant"),
         ("trainer.global_batch=10", "trainer.global_batch=10 is not a multiple of trainer.micro_batch=4"),
@@ -52,7 +53,7 @@ def test_every_variant_learns_real_text(variant, tmp_path, shakespeare):
 def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp_path):
     run_dir = tmp_path / "run"
     extra = ["trainer.micro_batch=4"] if "global_batch" in override else []
-    proc = run_cli("train.py", override, *extra, f"hydra.run.dir={run_dir}", "logger.mode=disabled")
+    proc = run_cli("train.py", *override.split(), *extra, f"hydra.run.dir={run_dir}", "logger.mode=disabled")
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
     if not message.startswith("Could not find"):  # Hydra's own message for an unknown option lists the options

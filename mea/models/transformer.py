@@ -62,6 +62,14 @@ def check_shape(cfg: ModelConfig, any_kv_heads: bool = False) -> None:
             raise ValueError(f"model.kv_heads_per_layer={list(cfg.kv_heads_per_layer)} needs {cfg.n_layers} entries, each in {allowed} for model.n_heads={cfg.n_heads}")
 
 
+def check_layers(cfg: ModelConfig, attention: AttentionConfig) -> None:
+    """Raise the one-line ValueError that building this model's layers would raise, without allocating them."""
+    check_shape(cfg, variant_class(attention.name).any_kv_heads)
+    with torch.device("meta"):  # a variant's own checks of its head shape run in its constructor
+        for i in range(cfg.n_layers):
+            Block(cfg, attention, i)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

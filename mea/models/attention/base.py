@@ -128,7 +128,8 @@ class NormThenProject(torch.autograd.Function):
         if center:
             n, mean, rstd = torch.native_layer_norm(o_BTHD, width, None, None, eps)
         else:
-            mean, rstd = None, torch.rsqrt(at_least_float32(o_BTHD).square().mean(-1, keepdim=True) + eps)
+            norm = torch.linalg.vector_norm(o_BTHD, dim=-1, keepdim=True, dtype=torch.promote_types(o_BTHD.dtype, torch.float32))
+            mean, rstd = None, torch.rsqrt(norm.square() / width[0] + eps)
             n = (o_BTHD * rstd).to(o_BTHD.dtype)
         ctx.center, ctx.eps = center, eps
         ctx.save_for_backward(o_BTHD, mean, rstd, w_CX)
@@ -139,18 +140,17 @@ class NormThenProject(torch.autograd.Function):
     def backward(ctx, g_BTC: torch.Tensor):
         o, mean, rstd, w = ctx.saved_tensors
         width = (o.shape[-1],)
-        if ctx.center:
-            n = torch.native_layer_norm(o, width, None, None, ctx.eps)[0]
-        else:
-            n32 = at_least_float32(o) * rstd
-            n = n32.to(o.dtype)
+        o32 = at_least_float32(o)
+        n32 = (o32 - mean).mul_(rstd) if ctx.center else o32 * rstd
+        n = n32.to(o.dtype)
         dn = (g_BTC @ w.to(g_BTC.dtype)).view(o.shape)
         dw = g_BTC.flatten(0, -2).t() @ n.flatten(-2).flatten(0, -2).to(g_BTC.dtype)
         if ctx.center:
             do = torch.ops.aten.native_layer_norm_backward(dn, o, width, mean, rstd, None, None, [True, False, False])[0]
-        else:  # d/do of o·r with r = 1/√(mean(o²) + eps)
+        else:  # d/do of n = o·r with r = 1/√(mean(o²) + eps): r·(dn − n·mean(dn·n))
             dn32 = at_least_float32(dn)
-            do = (rstd * (dn32 - n32 * (dn32 * n32).mean(-1, keepdim=True))).to(o.dtype)
+            dn_dot_n = torch.linalg.vecdot(dn32, n32).unsqueeze(-1)
+            do = torch.addcmul(dn32, n32, dn_dot_n, value=-1 / width[0]).mul_(rstd).to(o.dtype)
         return do, dw, None, None
 
 

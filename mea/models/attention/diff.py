@@ -15,6 +15,7 @@ class DiffConfig(AttentionConfig):
     name: str = "diff"
     norm: bool = True
     lambda_init_std: float = 0.1
+    pair_heads: bool = False  # true: the published layout, each pair of the model's heads is one head of width 2D
 
 
 @register("diff")
@@ -28,14 +29,20 @@ class DifferentialAttention(MultiHeadAttention):
         λ   = exp(λq1·λk1) − exp(λq2·λk2) + λ_init,     λ_init = 0.8 − 0.6·exp(−0.3·(l − 1)),  l = 1 … L
         y   = W_O [(1 − λ_init) · RMSNorm_h(o_h)]        (norm=false drops the RMSNorm and the scale)
 
-    Choices: H heads of width D like `mha` (halves of q and k rather than the published model's H/2 heads of
-    width 2D), so the parameter count and the KV cache equal `mha`'s; one λ per layer, as in the official code;
-    the RMSNorm's scale is learned per head and channel.
+    Heads: by default H heads of width D, as the official module does with the head count it is given; with
+    pair_heads=true, H/2 heads of width 2D (halves of width D), the layout of the published models, which halve the
+    head count so that each map has mha's head width and the 2 maps of H/2 heads cost about what mha's H maps
+    cost. Either way the parameters and the KV cache's bytes equal `mha`'s. One λ per layer, as in the official
+    code; the RMSNorm's scale is learned per head and channel.
     """
 
     Config = DiffConfig
 
     def __init__(self, cfg: DiffConfig, shape: HeadShape, layer_idx: int):
+        if cfg.pair_heads:
+            if shape.n_heads % 2 or shape.n_kv_heads % 2:
+                raise ValueError(f"attention.pair_heads=true needs even model.n_heads and model.n_kv_heads (each pair of heads is one head); got {shape.n_heads} and {shape.n_kv_heads}: choose even counts or set attention.pair_heads=false")
+            shape = HeadShape(shape.dim, shape.n_heads // 2, shape.n_kv_heads // 2)
         super().__init__(cfg, shape, layer_idx)
         if shape.head_dim % 4:
             raise ValueError(f"attention=diff needs a head width divisible by 4 (halves rotated by RoPE); got model.dim/model.n_heads={shape.head_dim}")
