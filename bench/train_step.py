@@ -28,6 +28,7 @@ from mea.models.attention.mea import MEAConfig  # noqa: E402
 PRESETS = {
     "cpu": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=256, batch=8, rounds=7, steps=3),
     "cuda": dict(dim=1024, n_layers=12, n_heads=16, vocab=32768, seq_len=2048, batch=8, rounds=5, steps=10),
+    "smoke": dict(dim=64, n_layers=2, n_heads=4, vocab=512, seq_len=64, batch=4, rounds=1, steps=1),  # does it run
 }
 
 
@@ -70,7 +71,7 @@ def saved_activation_bytes(forward, *inputs: torch.Tensor) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--preset", choices=list(PRESETS), help="model and batch size (default: the device's)")
+    parser.add_argument("--preset", choices=list(PRESETS), help="model and batch size (default: the device's; smoke: a seconds-long check that it runs)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = parser.parse_args()

@@ -144,8 +144,11 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
     best = best_by_arm(at_largest_size(trained(read_results(tmp_path / "out" / "results.csv"))))
     assert best["mea"] == min(largest, key=lambda r: float(r["final_train_loss"]))
     assert best_runs(tmp_path / "out" / "results.csv") == [Path(best["mea"]["run_dir"])]
-    again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)
-    assert again.returncode == 0 and again.stdout.count("is already done") == 6
+    again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)  # resumed: no multirun is started
+    assert again.returncode == 0 and again.stdout.count("every run is already done") == 2 and "Launching" not in again.stdout + again.stderr
+    spec.write_text(spec.read_text().replace("trainer.log_every=4", "trainer.log_every=2"))
+    changed = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)  # other overrides: the multiruns start, train.py decides
+    assert changed.returncode == 0 and "every run is already done" not in changed.stdout and changed.stdout.count("is already done (") == 6
     fit = run_cli("sweeps/fit.py", "lr-law", str(tmp_path / "out" / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
     assert fit.returncode == 0, fit.stderr
     assert (tmp_path / "fit" / "fit.json").is_file() and (tmp_path / "fit" / "lr_curves.png").is_file()

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.config import ConfigError, compose_config, load_config
+from mea.runs import made_with
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
@@ -90,24 +92,40 @@ def compose_run(overrides: list[str]):
         raise SweepError(str(e)) from None
 
 
-def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: list[str], out: Path, slurm: bool) -> list[str]:
-    """One Hydra multirun per size and arm: LRs × seeds, with the step count that spends the token budget."""
+def shared_overrides(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: list[str]) -> list[str]:
+    """What every run of one size and arm is given besides its LR and seed, with the step count that spends the
+    token budget."""
     base = [f"model={size.model}", *spec.overrides, *size.overrides, f"model.name={size.label}", *arm_overrides, f"arm={arm}"]
     cfg = compose_run(base)
     tokens_per_step = cfg.trainer.global_batch_tokens or cfg.trainer.global_batch * cfg.data.seq_len
     steps = max(1, math.ceil(size.tokens / tokens_per_step))
+    return [*base, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"logger.group={spec.name}"]
+
+
+def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, slurm: bool) -> list[str]:
+    """One Hydra multirun per size and arm: LRs × seeds."""
     return [
         sys.executable, str(ROOT / "train.py"), "--multirun",
         f"optim.lr={','.join(map(str, lr_grid(spec)))}",
         f"trainer.seed={','.join(map(str, spec.seeds))}",
-        *base,
-        f"trainer.max_steps={steps}",
-        f"trainer.eval_every={steps}",
-        f"logger.group={spec.name}",
+        *shared,
         f"hydra.sweep.dir={out / size.label}",
         f"hydra.sweep.subdir={arm}/lr${{optim.lr}}-s${{trainer.seed}}",
         *(["hydra/launcher=slurm"] if slurm else []),
     ]
+
+
+def finished(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path) -> bool:
+    """Every run of the multirun is done, started with exactly these overrides: a resumed sweep skips it rather
+    than start a process per size and arm only to be told so."""
+    runs = {out / size.label / arm / f"lr{lr}-s{seed}": [f"optim.lr={lr}", f"trainer.seed={seed}", *shared] for lr in lr_grid(spec) for seed in spec.seeds}
+    return all((run / "summary.json").is_file() and same_overrides(made_with(run) or [], overrides) for run, overrides in runs.items())
+
+
+def same_overrides(a: list[str], b: list[str]) -> bool:
+    """Equal as Hydra reads them: a multirun records each job's overrides re-written (`false` as `False`)."""
+    parse = OverridesParser.create().parse_overrides
+    return [(o.get_key_element(), o.value()) for o in parse(a)] == [(o.get_key_element(), o.value()) for o in parse(b)]
 
 
 def smoothed_final_loss(run_dir: Path, share: float = 0.1) -> float:
@@ -175,12 +193,19 @@ def best_by_arm(rows: list[dict]) -> dict[str, dict]:
 def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False) -> Path | None:
     """Run (or resume) every multirun of the spec, then write results.csv; returns its path (None for a dry run)."""
     out = Path(spec.out)
-    jobs = [(f"{size.label}/{arm}", multirun_command(spec, size, arm, overrides, out, slurm)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
+    jobs = []
+    for size in spec.sizes:
+        for arm, overrides in spec.arm_overrides().items():
+            shared = shared_overrides(spec, size, arm, overrides)
+            jobs.append((f"{size.label}/{arm}", multirun_command(spec, size, arm, shared, out, slurm), finished(spec, size, arm, shared, out)))
     if dry_run:
-        for _, command in jobs:
+        for _, command, _ in jobs:
             print(" ".join(command))
         return None
-    failed = [label for label, command in jobs if not collect_only and subprocess.call(command, cwd=ROOT) != 0]
+    for label, _, done in jobs:
+        if done and not collect_only:
+            print(f"{label}: every run is already done")
+    failed = [label for label, command, done in jobs if not (collect_only or done) and subprocess.call(command, cwd=ROOT) != 0]
     out.mkdir(parents=True, exist_ok=True)
     results = collect(out)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
