@@ -71,19 +71,18 @@ class ExplicitAttention(MultiHeadAttention):
         if cfg.norm:
             self.head_norm = HeadNorm(H, shape.head_dim, center=True)
 
+    def stored_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        H, G, D = self.shape.n_heads, self.shape.n_kv_heads, self.shape.head_dim
+        return self.wqkv.weight.split([H * D, G * D, G * D], dim=0)
+
     def project(self, x_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v with H heads each, HLC applied."""
         if not self.fold_hlc:
             q, k0, v0 = super().project(x_BTC)
             return q, compose(k0, self.hlc_k), compose(v0, self.hlc_v)
-        return self.split_qkv(F.linear(x_BTC, self.folded_weight()))
-
-    def folded_weight(self) -> torch.Tensor:
-        """The QKV projection of the H composed heads, W_h = Σ_g C[g, h] W⁰_g for keys and values: one matmul of
-        diag(I, C_Kᵀ, C_Vᵀ) with the stored weight taken head by head, (H+2G)·D rows of C -> 3H·D rows."""
-        w = self.wqkv.weight
-        mix = torch.block_diag(torch.eye(self.shape.n_heads, dtype=self.hlc_k.dtype, device=w.device), self.hlc_k.T, self.hlc_v.T)
-        return (mix @ w.view(mix.shape[1], -1)).view(-1, w.shape[-1])
+        w_q, w_k0, w_v0 = self.stored_weights()
+        w_qkv = torch.cat([w_q, fold(w_k0, self.hlc_k), fold(w_v0, self.hlc_v)], dim=0)
+        return self.split_qkv(F.linear(x_BTC, w_qkv))
 
     def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
         if cache is None or self.shape.n_kv_heads == self.shape.n_heads:
@@ -112,6 +111,13 @@ def side_by_side(x_BGTD: torch.Tensor) -> torch.Tensor:
     """(B, G, T, D) -> (B, 1, T, G·D): the G heads of each position next to each other."""
     B, G, T, D = x_BGTD.shape
     return x_BGTD.transpose(1, 2).reshape(B, 1, T, G * D)
+
+
+def fold(w_stored_XC: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
+    """Projection weight of the H composed heads from that of the G stored heads: W_h = Σ_g C[g, h] W⁰_g."""
+    G, H = hlc_GH.shape
+    w_GDC = w_stored_XC.view(G, -1, w_stored_XC.shape[-1])
+    return torch.einsum("gdc,gh->hdc", w_GDC, hlc_GH).reshape(-1, w_stored_XC.shape[-1])
 
 
 def compose(x_BGTD: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
