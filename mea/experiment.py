@@ -28,7 +28,7 @@ from mea.export import export, load_pretrained
 from mea.kv_report import kv_bytes_per_token
 from mea.models import LM
 from mea.models.attention.mha import MHAConfig
-from mea.runs import made_with
+from mea.runs import made_with, same_overrides
 from mea.scaling.sweep import ROOT, SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, read_results, run_sweep, trained
 
 
@@ -81,7 +81,7 @@ def load_protocol(path: Path) -> Protocol:
 
 def train(run_dir: Path, overrides: list[str]) -> dict:
     """One training run as a subprocess (resumes or skips by itself); its summary."""
-    if (old := made_with(run_dir)) is not None and old != overrides:
+    if (old := made_with(run_dir)) is not None and not same_overrides(old, overrides):
         was, now = [o for o in old if o not in overrides], [o for o in overrides if o not in old]
         raise SweepError(f"{run_dir} was made with {' '.join(was) or 'other overrides'} but the spec now asks {' '.join(now) or 'fewer'}; give the experiment a new `out` or delete that run")
     if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already

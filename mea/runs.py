@@ -7,6 +7,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from mea.config import TrainConfig, load_config
 
 
@@ -20,6 +22,12 @@ def made_with(run_dir: Path) -> list[str] | None:
 
     record = run_dir / ".hydra" / "overrides.yaml"
     return list(yaml.safe_load(record.read_text())) if record.is_file() else None
+
+
+def same_overrides(a: list[str], b: list[str]) -> bool:
+    """Equal as Hydra reads them: a multirun records each job's overrides re-written (`false` as `False`)."""
+    parse = OverridesParser.create().parse_overrides
+    return [(o.get_key_element(), o.value()) for o in parse(a)] == [(o.get_key_element(), o.value()) for o in parse(b)]
 
 
 def code_version() -> str:

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.config import ConfigError, compose_config, load_config
-from mea.runs import made_with
+from mea.runs import made_with, same_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
@@ -120,12 +119,6 @@ def finished(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out:
     than start a process per size and arm only to be told so."""
     runs = {out / size.label / arm / f"lr{lr}-s{seed}": [f"optim.lr={lr}", f"trainer.seed={seed}", *shared] for lr in lr_grid(spec) for seed in spec.seeds}
     return all((run / "summary.json").is_file() and same_overrides(made_with(run) or [], overrides) for run, overrides in runs.items())
-
-
-def same_overrides(a: list[str], b: list[str]) -> bool:
-    """Equal as Hydra reads them: a multirun records each job's overrides re-written (`false` as `False`)."""
-    parse = OverridesParser.create().parse_overrides
-    return [(o.get_key_element(), o.value()) for o in parse(a)] == [(o.get_key_element(), o.value()) for o in parse(b)]
 
 
 def smoothed_final_loss(run_dir: Path, share: float = 0.1) -> float:
