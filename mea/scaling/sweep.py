@@ -195,10 +195,13 @@ def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, 
         for _, command, _ in jobs:
             print(" ".join(command))
         return None
-    for label, _, done in jobs:
-        if done and not collect_only:
-            print(f"{label}: every run is already done")
-    failed = [label for label, command, done in jobs if not (collect_only or done) and subprocess.call(command, cwd=ROOT) != 0]
+    failed = []
+    if not collect_only:
+        for label, command, done in jobs:
+            if done:
+                print(f"{label}: every run is already done")
+            elif subprocess.call(command, cwd=ROOT) != 0:
+                failed.append(label)
     out.mkdir(parents=True, exist_ok=True)
     results = collect(out)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
