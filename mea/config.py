@@ -165,6 +165,8 @@ def validate(cfg: DictConfig | Any, only: str | None = None) -> None:
         check_layers(OmegaConf.to_object(cfg.model), OmegaConf.to_object(cfg.attention))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3, not deepspeed.stage=0; use deepspeed=zero2 or deepspeed=zero3_offload")
     if cfg.deepspeed.offload_params and cfg.deepspeed.stage != 3:
         raise ConfigError(f"deepspeed.offload_params needs ZeRO stage 3, not deepspeed.stage={cfg.deepspeed.stage}; use deepspeed=zero3_offload")
     tokens = cfg.trainer.global_batch_tokens

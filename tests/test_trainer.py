@@ -62,11 +62,12 @@ def test_plain_pytorch_equals_zero0_on_one_process(single_process, tmp_path):
     assert_curves_close(single_process, tmp_path, rel=1e-5)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_on_two_processes_matches_one_process(stage, single_process, tmp_path):
-    proc = torchrun(tmp_path, *RUN, f"deepspeed=zero{stage}")
+@pytest.mark.parametrize("preset, stage", [("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)])
+def test_zero_on_two_processes_matches_one_process(preset, stage, single_process, tmp_path):
+    proc = torchrun(tmp_path, *RUN, f"deepspeed={preset}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '2 process(es)' in proc.stdout and f'"stage": {stage}' in proc.stdout
+    assert ('"offload_optimizer"' in proc.stdout) == preset.endswith("offload")
     assert_curves_close(single_process, tmp_path, rel=1e-4)
     if stage == 3:  # the ZeRO-3 checkpoint consolidates into one safetensors file a single-process model loads
         summary = json.loads((tmp_path / "summary.json").read_text())
@@ -221,6 +222,7 @@ def test_wandb_offline_run_holds_the_metrics_and_config(tmp_path):
         (["deepspeed.stage=5"], "deepspeed.stage=5 is not allowed; choose one of: 0, 1, 2, 3"),
         (["trainer.resume_from=/nonexistent/ckpt"], "trainer.resume_from='/nonexistent/ckpt' is not a checkpoint folder"),
         (["deepspeed=zero2", "deepspeed.offload_params=true"], "deepspeed.offload_params needs ZeRO stage 3"),
+        (["deepspeed=zero0", "deepspeed.offload_optimizer=true"], "deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3"),
         (["trainer.global_batch_tokens=100"], "trainer.global_batch_tokens=100 is not a positive multiple of data.seq_len=64"),
     ],
 )

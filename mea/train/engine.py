@@ -93,7 +93,8 @@ class PlainEngine(Engine):
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
     """DeepSpeed's JSON, derived from the Hydra config. The optimizer stays torch's AdamW (built by mea with
-    its weight-decay groups) and is handed to DeepSpeed as a client optimizer."""
+    its weight-decay groups) and is handed to DeepSpeed as a client optimizer; with the optimizer offloaded it
+    runs on the CPU copies as torch's fused CPU kernel, so that every path steps with the same AdamW."""
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.stage}
     if ds.offload_optimizer:
@@ -110,6 +111,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.trainer.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # else an offloaded optimizer must be DeepSpeed's own CPU Adam
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
