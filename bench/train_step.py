@@ -4,13 +4,13 @@
     python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
 
 Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak.
+On a CPU the process keeps the memory a step frees, as `train.py` does there (mea.cpu_heap; --default-heap
+measures glibc's defaults, which return it to the kernel and fault it in again at every step).
 Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike, each round
-starting one variant later, and each variant's timed steps follow one untimed step of its own: on a CPU the
-allocator's heap (how much of it must be faulted in again) otherwise carries over from the variant before, which
-moved ratios by up to 3%. A variant's ratio to `mha` is taken round by round, so that it compares steps timed
-seconds apart, and the table gives the median of those ratios and their middle half (quartiles): this VM's speed
-drifts by several percent within minutes. Tokens/s is the median over rounds. Imports torch and mea.models only,
-so it runs on a bare GPU machine.
+starting one variant later, and each variant's timed steps follow one untimed step of its own. A variant's ratio
+to `mha` is taken round by round, so that it compares steps timed seconds apart, and the table gives the median
+of those ratios and their middle half (quartiles). Tokens/s is the median over rounds. Imports torch and
+mea.models only, so it runs on a bare GPU machine.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import describe, sync  # noqa: E402
+from mea.cpu_heap import keep_freed_memory  # noqa: E402
 from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
 from mea.models.attention.diff import DiffConfig  # noqa: E402
 from mea.models.attention.mea import MEAConfig  # noqa: E402
@@ -77,8 +78,10 @@ def main() -> None:
     parser.add_argument("--preset", choices=list(PRESETS), help="model and batch size (default: the device's; smoke: a seconds-long check that it runs)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--default-heap", action="store_true", help="on a CPU, leave glibc's heap settings as they are")
     args = parser.parse_args()
     device = torch.device(args.device)
+    heap_kept = device.type == "cpu" and not args.default_heap and keep_freed_memory()
     p = PRESETS[args.preset or args.device]
     rounds = args.rounds or p["rounds"]
     if rounds < 2:
@@ -128,7 +131,7 @@ def main() -> None:
 
     peak = matmul_peak(device, dtype)
     tokens = p["batch"] * p["seq_len"]
-    print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}")
+    print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}" + (" · freed memory kept" if heap_kept else ""))
     print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     print(f"{'variant':<19} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7}" + (f" {'peak GiB':>9}" if peak_memory else ""))

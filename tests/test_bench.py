@@ -20,7 +20,7 @@ def test_train_step_bench_prints_every_variant_against_mha():
     from mea.models import REGISTRY
 
     out = run_bench("train_step.py", "--preset", "smoke")
-    assert re.search(r"device: CPU .*, \d+ threads", out) and "measured matmul peak" in out
+    assert re.search(r"device: CPU .*, \d+ threads .* freed memory kept", out) and "measured matmul peak" in out
     rows = {m[1]: m for m in re.finditer(r"^(\S+(?: \([^)]+\))?) +([\d,]+) +([\d.]+) +([\d.]+)–([\d.]+) +([\d.]+)% +([\d,]+) +([\d.]+)$", out, re.M)}
     assert set(rows) == set(REGISTRY) | {"mea (einsum HLC)", "diff (paired heads)"}
     assert rows["mha"][3] == rows["mha"][4] == rows["mha"][5] == rows["mha"][8] == "1.000"

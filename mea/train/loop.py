@@ -15,6 +15,7 @@ from safetensors.torch import load_model
 from tqdm import tqdm
 
 from mea.config import ConfigError, TrainConfig, validate
+from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
 from mea.runs import code_version
@@ -110,6 +111,8 @@ def run(dict_cfg: DictConfig) -> dict:
     """Train one model as the config says; the run directory receives config, metrics, checkpoints, summary."""
     validate(dict_cfg)
     device = pick_device(dict_cfg.trainer.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     cfg = resolve(OmegaConf.to_object(dict_cfg), device)
     tc = cfg.trainer
     rank, world_size = setup_distributed(cfg, device)
