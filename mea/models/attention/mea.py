@@ -115,9 +115,10 @@ def side_by_side(x_BGTD: torch.Tensor) -> torch.Tensor:
 
 def fold(w_stored_XC: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
     """Projection weight of the H composed heads from that of the G stored heads: W_h = Σ_g C[g, h] W⁰_g."""
-    G, H = hlc_GH.shape
-    w_GDC = w_stored_XC.view(G, -1, w_stored_XC.shape[-1])
-    return torch.einsum("gdc,gh->hdc", w_GDC, hlc_GH).reshape(-1, w_stored_XC.shape[-1])
+    # Head g's rows, read as one row of width D·C, make (G, D·C); Cᵀ times that is (H, D·C), already laid out as the
+    # (H·D, C) weight: one matmul, no permutes (an einsum here took 35% longer, forward + backward)
+    G = hlc_GH.shape[0]
+    return (hlc_GH.t() @ w_stored_XC.reshape(G, -1)).view(-1, w_stored_XC.shape[-1])
 
 
 def compose(x_BGTD: torch.Tensor, hlc_GH: torch.Tensor) -> torch.Tensor:
