@@ -8,7 +8,9 @@
     python bench/decode.py                  # CPU: batch 8, 8 heads of 64, 8192 cached tokens, fp32
     python bench/decode.py --device cuda    # GPU: batch 64, 32 heads of 128, 4096 cached tokens, bf16
 
-Imports torch and mea.models only, so it runs on a bare GPU machine.
+A decode step is bound by the bytes it reads: each arm's "cache GB/s" (its cache's bytes over its step time) is
+set against the copy bandwidth measured in the same run. Imports torch and mea.models only, so it runs on a bare
+GPU machine.
 """
 from __future__ import annotations
 
@@ -21,12 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.machine import describe, sync  # noqa: E402
+from bench.machine import describe, memory_bandwidth, sync  # noqa: E402
 from mea.models.attention.base import HeadShape, KVCache, Rotary, causal_attention  # noqa: E402
 from mea.models.attention.mea import ExplicitAttention, MEAConfig, compose, side_by_side  # noqa: E402
 from mea.models.attention.mha import MHAConfig, MultiHeadAttention  # noqa: E402
 
-PRESETS = {"cpu": dict(batch=8, heads=8, head_dim=64, cached=8192, reps=20), "cuda": dict(batch=64, heads=32, head_dim=128, cached=4096, reps=200)}
+PRESETS = {
+    "cpu": dict(batch=8, heads=8, head_dim=64, cached=8192, reps=20),
+    "cuda": dict(batch=64, heads=32, head_dim=128, cached=4096, reps=200),
+    "smoke": dict(batch=2, heads=4, head_dim=32, cached=2048, reps=3),  # does it run
+}
 
 
 def expanded_step(layer: ExplicitAttention, x, rope, cache: KVCache):
@@ -43,9 +49,10 @@ def expanded_step(layer: ExplicitAttention, x, rope, cache: KVCache):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", choices=list(PRESETS), help="batch, heads and cache length (default: the device's; smoke: a seconds-long check that it runs)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    p = PRESETS[args.device]
+    p = PRESETS[args.preset or args.device]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     H, D, B, S = p["heads"], p["head_dim"], p["batch"], p["cached"]
     torch.manual_seed(0)
@@ -74,11 +81,13 @@ def main() -> None:
                 sync(device)
                 times[name].append(time.perf_counter() - start)
     print(f"device: {describe(device)} · {dtype} · batch {B}, {H} heads of {D}, {S} cached tokens · median of {p['reps']} steps")
+    print(f"measured copy bandwidth: {memory_bandwidth(device) / 1e9:.1f} GB/s")
     base = statistics.median(times["full cache (H heads)"][2:])
-    print(f"{'arm':<24} {'ms/step':>8} {'vs full':>8} {'cache MiB':>10}")
+    print(f"{'arm':<24} {'ms/step':>8} {'vs full':>8} {'cache MiB':>10} {'cache GB/s':>11}")
     for name, ts in times.items():
         t = statistics.median(ts[2:])
-        print(f"{name:<24} {t * 1e3:8.3f} {t / base:8.2f} {caches[name].nbytes / 2**20:10.1f}")
+        cache_bytes = caches[name].nbytes
+        print(f"{name:<24} {t * 1e3:8.3f} {t / base:8.2f} {cache_bytes / 2**20:10.1f} {cache_bytes / t / 1e9:11.1f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Where a benchmark ran, as every script prints it, and the wait that makes GPU timings honest."""
+"""Where a benchmark ran, as every script prints it, the limits of that machine measured in the same run, and the
+wait that makes GPU timings honest."""
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -19,3 +21,29 @@ def describe(device: torch.device) -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul, the yardstick of MFU."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / seconds_per_call(lambda: a @ b, device, reps=50 if device.type == "cuda" else 5)
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes/s of copying a tensor far larger than the caches (read once, written once), the yardstick of decoding."""
+    src = torch.ones(256 << 20 if device.type == "cuda" else 64 << 20, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / seconds_per_call(lambda: dst.copy_(src), device, reps=20 if device.type == "cuda" else 5)
+
+
+def seconds_per_call(work, device: torch.device, reps: int) -> float:
+    """Seconds of one call of work, averaged over reps calls after three untimed ones."""
+    for _ in range(3):
+        work()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        work()
+    sync(device)
+    return (time.perf_counter() - start) / reps

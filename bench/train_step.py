@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.machine import describe, sync  # noqa: E402
+from bench.machine import describe, matmul_peak, sync  # noqa: E402
 from mea.cpu_heap import keep_freed_memory  # noqa: E402
 from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
 from mea.models.attention.diff import DiffConfig  # noqa: E402
@@ -41,20 +41,6 @@ def arms() -> dict[str, object]:
     arms["mea (einsum HLC)"] = MEAConfig(fold_hlc=False)
     arms["diff (paired heads)"] = DiffConfig(pair_heads=True)
     return dict(sorted(arms.items(), key=lambda kv: (kv[0] != "mha", kv[0])))
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 50 if device.type == "cuda" else 5
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def saved_activation_bytes(forward, *inputs: torch.Tensor) -> int:
