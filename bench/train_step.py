@@ -123,7 +123,7 @@ def main() -> None:
     print(f"{'variant':<19} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7}" + (f" {'peak GiB':>9}" if peak_memory else ""))
     for name, ts in times.items():
         t = statistics.median(ts)
-        ratios = [base / t for base, t in zip(times["mha"], ts)]
+        ratios = [t_mha / t_variant for t_mha, t_variant in zip(times["mha"], ts)]
         q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         flops = models[name][0].flops_per_token(p["seq_len"]) * tokens
         mem = f" {peak_memory[name]:9.2f}" if peak_memory else ""
