@@ -101,6 +101,9 @@ def shared_overrides(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: 
     return [*base, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"logger.group={spec.name}"]
 
 
+RUN_FOLDER = "{arm}/lr{lr}-s{seed}"  # under the size's folder: Hydra's sweep subdir, and where `finished` looks
+
+
 def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, slurm: bool) -> list[str]:
     """One Hydra multirun per size and arm: LRs × seeds."""
     return [
@@ -109,7 +112,7 @@ def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[st
         f"trainer.seed={','.join(map(str, spec.seeds))}",
         *shared,
         f"hydra.sweep.dir={out / size.label}",
-        f"hydra.sweep.subdir={arm}/lr${{optim.lr}}-s${{trainer.seed}}",
+        f"hydra.sweep.subdir={RUN_FOLDER.format(arm=arm, lr='${optim.lr}', seed='${trainer.seed}')}",
         *(["hydra/launcher=slurm"] if slurm else []),
     ]
 
@@ -117,7 +120,7 @@ def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[st
 def finished(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path) -> bool:
     """Every run of the multirun is done, started with exactly these overrides: a resumed sweep skips it rather
     than start a process per size and arm only to be told so."""
-    runs = {out / size.label / arm / f"lr{lr}-s{seed}": [f"optim.lr={lr}", f"trainer.seed={seed}", *shared] for lr in lr_grid(spec) for seed in spec.seeds}
+    runs = {out / size.label / RUN_FOLDER.format(arm=arm, lr=lr, seed=seed): [f"optim.lr={lr}", f"trainer.seed={seed}", *shared] for lr in lr_grid(spec) for seed in spec.seeds}
     return all((run / "summary.json").is_file() and same_overrides(made_with(run) or [], overrides) for run, overrides in runs.items())
 
 
