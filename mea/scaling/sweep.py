@@ -189,22 +189,18 @@ def best_by_arm(rows: list[dict]) -> dict[str, dict]:
 def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False) -> Path | None:
     """Run (or resume) every multirun of the spec, then write results.csv; returns its path (None for a dry run)."""
     out = Path(spec.out)
-    jobs = []
-    for size in spec.sizes:
-        for arm, overrides in spec.arm_overrides().items():
-            shared = shared_overrides(spec, size, arm, overrides)
-            jobs.append((f"{size.label}/{arm}", multirun_command(spec, size, arm, shared, out, slurm), finished(spec, size, arm, shared, out)))
+    jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
     if dry_run:
-        for _, command, _ in jobs:
-            print(" ".join(command))
+        for size, arm, shared in jobs:
+            print(" ".join(multirun_command(spec, size, arm, shared, out, slurm)))
         return None
     failed = []
     if not collect_only:
-        for label, command, done in jobs:
-            if done:
-                print(f"{label}: every run is already done")
-            elif subprocess.call(command, cwd=ROOT) != 0:
-                failed.append(label)
+        for size, arm, shared in jobs:
+            if finished(spec, size, arm, shared, out):
+                print(f"{size.label}/{arm}: every run is already done")
+            elif subprocess.call(multirun_command(spec, size, arm, shared, out, slurm), cwd=ROOT) != 0:
+                failed.append(f"{size.label}/{arm}")
     out.mkdir(parents=True, exist_ok=True)
     results = collect(out)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
