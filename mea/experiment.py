@@ -113,7 +113,7 @@ def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
         law = fit["groups"].get(arm, {})
         if "predictions" in law:
             pred = next(iter(law["predictions"].values()))  # the one target: this protocol's target size
-            out[arm] = {"lr": pred["lr"], "ci": pred["lr_ci"], "source": f"η*(N) = {law['a']:.3g}·N^{law['b']:.3f}"}
+            out[arm] = {"lr": pred["lr"], "ci": pred["lr_ci"], "source": pred["law"]}
         else:
             mine = [r for r in rows if r["variant"] == arm]
             if not mine:

@@ -81,7 +81,7 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
     mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
     if "mea" in lrs and p.baseline in lrs:
         ratio = lrs["mea"]["lr"] / lrs[p.baseline]["lr"]
-        widths = {arm: [s["sensitivity_decades"] for s in g["sizes"] if "sensitivity_decades" in s] for arm, g in fit["groups"].items()}
+        widths = {arm: [s["sensitivity_decades"] for s in g["cells"] if "sensitivity_decades" in s] for arm, g in fit["groups"].items()}
         mean = {arm: sum(w) / len(w) for arm, w in widths.items() if w}
         width_text = f"; mean LR range within {p.margin:.0%} of the optimum: mea {mean.get('mea', math.nan):.2f} vs {p.baseline} {mean.get(p.baseline, math.nan):.2f} decades"
         stable = {arm: stable_up_to(grid[arm]) for arm in ("mea", p.baseline) if arm in grid}
@@ -181,10 +181,10 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
         ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"
         law = (f"{g['a']:.4g}", f"{g['b']:.3f} ({g['b_ci'][0]:.3f} – {g['b_ci'][1]:.3f})") if "a" in g else ("–", "–")
         lines.append(f"| {arm} | {law[0]} | {law[1]} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
-    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in next(iter(fit["groups"].values()))["sizes"]) + " |",
-              "|---|" + "---|" * len(next(iter(fit["groups"].values()))["sizes"])]
+    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in next(iter(fit["groups"].values()))["cells"]) + " |",
+              "|---|" + "---|" * len(next(iter(fit["groups"].values()))["cells"])]
     for arm, g in fit["groups"].items():
-        lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["sizes"]) + " |")
+        lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["cells"]) + " |")
     lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "",
               f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if stability else ''}:", ""]
     lines += stability_table(grid) + ["", "## From-scratch comparison", "",

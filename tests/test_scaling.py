@@ -47,7 +47,7 @@ def test_lr_law_recovers_known_constants(tmp_path):
         assert g["b_ci"][0] < -0.3 < g["b_ci"][1] or abs(g["b"] + 0.3) < 0.01
         pred = g["predictions"]["3e8"]
         assert pred["lr"] == pytest.approx(scale * 3.0 * 3e8**-0.3, rel=0.1) and pred["lr_ci"][0] < pred["lr"] < pred["lr_ci"][1]
-        for size in g["sizes"]:  # width of the LR range within 1% of the optimum: 2·sqrt(0.01·L*/depth) in ln units
+        for size in g["cells"]:  # width of the LR range within 1% of the optimum: 2·sqrt(0.01·L*/depth) in ln units
             expected = 2 * math.sqrt(0.01 * size["loss"] / 0.03) / math.log(10)
             assert size["sensitivity_decades"] == pytest.approx(expected, rel=0.1)
     fragment = (tmp_path / "lr" / "mea_25m.yaml").read_text()
@@ -96,7 +96,7 @@ def test_fit_report_names_sizes_without_an_optimum(tmp_path):
     assert "mha, N=1e+06: the best LR" in proc.stderr and "extend the grid to lower LRs" in proc.stderr
     assert "mha, N=3e+07: every run diverged" in proc.stderr
     fit = json.loads((tmp_path / "o" / "fit.json").read_text())
-    assert len([s for s in fit["groups"]["mha"]["sizes"] if "lr" in s]) == 2 and "b" in fit["groups"]["mha"]
+    assert len([s for s in fit["groups"]["mha"]["cells"] if "lr" in s]) == 2 and "b" in fit["groups"]["mha"]
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
     assert fit.returncode == 0, fit.stderr
     assert (tmp_path / "fit" / "fit.json").is_file() and (tmp_path / "fit" / "lr_curves.png").is_file()
     report = json.loads((tmp_path / "fit" / "fit.json").read_text())
-    sizes = report["groups"]["mea"]["sizes"]
+    sizes = report["groups"]["mea"]["cells"]
     assert len(sizes) == 2 and all(("lr" in s) or ("message" in s) for s in sizes)
 
 
@@ -182,3 +182,80 @@ def test_bad_sweep_spec(tmp_path):
     spec.write_text(MINI.replace("lr_min", "lr_mn").replace("OUT", str(tmp_path)))
     proc = run_cli("sweeps/lr_sweep.py", str(spec))
     assert proc.returncode == 2 and "lr_mn" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def budget_grid_runs(c=0.5, alpha=-0.35, beta=0.12, sizes=(1e6, 3e6, 1e7, 3e7), budgets=(3e7, 1e8, 3e8, 1e9), noise=0.001, seed=0):
+    """A published-style dense grid: every size at several token budgets, LRs spaced by √2 around each cell's optimum."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in sizes:
+        for d in budgets:
+            opt = c * n**alpha * d**beta
+            for k in range(-4, 5):
+                lr = opt * 2 ** (k / 2 + rng.uniform(-0.25, 0.25))  # the grid is not centred on the optimum
+                loss = 2 + 30 / n**0.2 + 40 / d**0.2 + 0.03 * math.log(lr / opt) ** 2 + rng.normal(0, noise)
+                rows.append({"N": n, "D": d, "eta": lr, "L": loss})
+    return rows
+
+
+def test_lr_law_with_several_budgets_per_size_fits_each_cell_and_recovers_both_exponents(tmp_path):
+    rows = budget_grid_runs()
+    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D", "--lr-col", "eta",
+                   "--loss-col", "L", "--group-col", "none", "--target", "1e8", "--target-tokens", "2e9", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert proc.returncode == 0, proc.stderr
+    g = json.loads((tmp_path / "o" / "fit.json").read_text())["groups"]["all"]
+    assert len(g["cells"]) == 16 and all("lr" in cell for cell in g["cells"])  # one optimum per (N, D), never pooled
+    for cell in g["cells"]:
+        assert cell["lr"] == pytest.approx(0.5 * cell["n"] ** -0.35 * cell["d"] ** 0.12, rel=0.2)  # a cell: noise of 0.001 on a 0.004 rise per LR step
+    assert "a" not in g  # η*(N) alone would mix the budgets
+    assert g["joint"]["alpha"] == pytest.approx(-0.35, abs=0.03) and g["joint"]["beta"] == pytest.approx(0.12, abs=0.03)
+    pred = g["predictions"]["1e8"]
+    assert pred["d"] == 2e9 and pred["lr"] == pytest.approx(0.5 * 1e8**-0.35 * 2e9**0.12, rel=0.15)
+    assert "η*(N, D)" in (tmp_path / "lr" / "all_1e8.yaml").read_text()
+    table = (tmp_path / "o" / "fit.md").read_text()
+    assert table.count("| all | ") == 16 + 1 and "η*(N, D) = " in table
+
+
+def test_several_budgets_without_target_tokens_say_what_is_missing(tmp_path):
+    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", budget_grid_runs())), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D",
+                   "--lr-col", "eta", "--loss-col", "L", "--group-col", "none", "--target", "1e8", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert proc.returncode == 2 and "some sizes were trained at several token budgets, so η* depends on D; give --target-tokens with --target" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_awkward_cells_get_their_reason_and_the_rest_of_the_fit_goes_on(tmp_path):
+    rows = [r for r in budget_grid_runs(sizes=(1e6, 3e6, 1e7, 3e7, 1e8), budgets=(1e8, 1e9)) if r["N"] != 1e8]
+    def grid(n, d):  # √2-spaced around the law's optimum
+        return 0.5 * n**-0.35 * d**0.12 * 2 ** (np.arange(-3, 4) / 2)
+
+    def cell(n, losses, d=1e8):
+        return [{"N": n, "D": d, "eta": x, "L": y} for x, y in zip(grid(n, d), losses)]
+
+    rows += cell(1e8, [3.2] * 7)  # flat: the runs did not train
+    rows += cell(1e8, [3.30, 3.10, 3.00, 2.99, 2.98, 2.975, 3.9], d=1e9)  # lopsided: a slow slope, then a wall
+    rows += cell(2e8, [3.1, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan])  # a single finite run
+    seeds = [{**r, "L": r["L"] + 0.004 * s} for s in (0, 1) for r in cell(3e8, [3.3, 3.1, 3.02, 3.0, 3.02, 3.15, 3.4])]
+    rows += seeds  # duplicate LRs, two seeds each
+    rows += cell(4e8, [12.0, 12.0, 2.2, 2.1, 2.2, 12.0, 12.0])  # near-divergent walls beside a sharp optimum
+    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D", "--lr-col", "eta",
+                   "--loss-col", "L", "--group-col", "none", "--target-tokens", "1e9", "--target", "1e9", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    g = json.loads((tmp_path / "o" / "fit.json").read_text())["groups"]["all"]
+    by_cell = {(c["n"], c.get("d")): c for c in g["cells"]}
+    assert "the loss is the same (3.2) at every LR" in by_cell[(1e8, 1e8)]["message"]
+    assert "lies more than a grid step from the best LR" in by_cell[(1e8, 1e9)]["message"]
+    assert "1 finite run(s) at 1 LR(s)" in by_cell[(2e8, 1e8)]["message"]
+    assert by_cell[(3e8, 1e8)]["runs"] == 14 and by_cell[(3e8, 1e8)]["lr"] == pytest.approx(grid(3e8, 1e8)[3], rel=0.1)
+    assert by_cell[(4e8, 1e8)]["lr"] == pytest.approx(grid(4e8, 1e8)[3], rel=0.05) and by_cell[(4e8, 1e8)]["loss"] == pytest.approx(2.1)  # the walls left out
+    fitted = [c for c in g["cells"] if "lr" in c]
+    assert len(fitted) == 10 and g["joint"]["alpha"] == pytest.approx(-0.35, abs=0.05)
+    table = (tmp_path / "o" / "fit.md").read_text()
+    for reason in ("the loss is the same", "more than a grid step", "fewer than the 3 LRs"):
+        assert f"not fitted: all, N=" in table and reason in table
+
+
+def test_a_vertex_far_below_every_loss_seen_is_refused_not_square_rooted():
+    """A flat bottom between steep sides: the parabola dips below the runs by more than a parabola can."""
+    with pytest.raises(FitError, match=r"the fitted loss at the optimum, 2.247, is far below every loss seen near it \(2.308–2.367\)"):
+        lr_optimum(np.exp(np.arange(5.0)), np.array([2.78, 2.311, 2.308, 2.367, 2.865]), "x")

@@ -69,48 +69,85 @@ def parse_target(text: str) -> tuple[str, float]:
         return text, preset_size(text)
 
 
+def cell_label(group: str, n: float, d: float | None) -> str:
+    return f"{group}, N={n:.3g}" + (f", D={d:.3g}" if d is not None else "")
+
+
+def fit_cells(cols: dict[str, np.ndarray], rows: np.ndarray, diverged: np.ndarray, group: str, args: argparse.Namespace, messages: list[str]) -> list[dict]:
+    """One LR optimum per (N, D) cell of the group's rows: its runs, at one size and one token budget, are never
+    pooled with another budget's. A cell that yields no optimum keeps its reason and the others go on."""
+    budgets = cols["d"] if "d" in cols else np.full(len(cols["n"]), math.nan)
+    keys = sorted({(float(n), float(d) if np.isfinite(d) else None) for n, d in zip(cols["n"][rows], budgets[rows])}, key=lambda k: (k[0], k[1] or 0.0))
+    cells = []
+    for n, d in keys:
+        at = rows & (cols["n"] == n) & (budgets == d if d is not None else ~np.isfinite(budgets))
+        ok = at & ~diverged
+        cell = {"n": n, **({"d": d} if d is not None else {}), "runs": int(at.sum()), "diverged_lrs": sorted({float(x) for x in cols["lr"][at & diverged]})}
+        try:
+            opt = lr_optimum(cols["lr"][ok], cols["loss"][ok], cell_label(group, n, d), n_boot=args.bootstrap, seed=args.seed)
+            cell |= {"lr": opt.lr, "lr_ci": opt.ci, "loss": opt.loss, "coeffs": list(map(float, opt.coeffs)), "sensitivity_decades": opt.sensitivity_width(args.margin), "_opt": opt}
+        except FitError as e:
+            cell["message"] = str(e)
+            messages.append(str(e))
+        cells.append(cell)
+    return cells
+
+
+def fit_law(cells: list[dict], group: str, targets: list[tuple[str, float]], target_tokens: float | None, n_boot: int, rng: np.random.Generator) -> dict:
+    """η*(N, D) = c·N^α·D^β across cells when a size was trained at several budgets; else η*(N) = a·N^b, with
+    η*(N, D) beside it where the budgets vary independently of N. Predictions at the targets."""
+    fitted = [c for c in cells if "lr" in c]
+    n = np.array([c["n"] for c in fitted])
+    d = np.array([c.get("d", math.nan) for c in fitted])
+    lr = np.array([c["lr"] for c in fitted])
+    samples = np.column_stack([optimum_samples(c["_opt"], n_boot, rng) for c in fitted]) if fitted else np.empty((0, 0))
+    sizes = {c["n"] for c in cells}
+    several_budgets = len({(c["n"], c.get("d")) for c in cells}) > len(sizes)
+    out: dict = {}
+
+    def joint_law() -> dict:
+        law = fit_power_law([n, d], lr, samples, f"{group}: η*(N, D)")
+        form = f"η*(N, D) = {law.coef:.4g}·N^{law.exponents[0]:.4f}·D^{law.exponents[1]:.4f}"
+        return {"c": law.coef, "alpha": law.exponents[0], "beta": law.exponents[1], "c_ci": law.coef_ci,
+                "alpha_ci": law.exponents_ci[0], "beta_ci": law.exponents_ci[1], "form": form, "_law": law}
+
+    if several_budgets:
+        out["joint"] = joint = joint_law()
+        law = joint["_law"]
+        out["predictions"] = {name: {"n": size, "d": target_tokens, "lr": law(size, target_tokens), "lr_ci": law.interval(size, target_tokens), "law": joint["form"]}
+                              for name, size in targets}
+        return out
+    law = fit_power_law([n], lr, samples, f"{group}: η*(N)")
+    form = f"η*(N) = {law.coef:.4g}·N^{law.exponents[0]:.4f}"
+    out |= {"a": law.coef, "b": law.exponents[0], "a_ci": law.coef_ci, "b_ci": law.exponents_ci[0], "form": form, "_law": law}
+    out["predictions"] = {name: {"n": size, "lr": law(size), "lr_ci": law.interval(size), "law": form} for name, size in targets}
+    if np.all(np.isfinite(d)) and len(set(d)) > 1 and len(fitted) >= 4:
+        try:
+            out["joint"] = joint_law()
+        except FitError as e:  # one budget per size, tied to it: η*(N) is the law
+            out["joint_message"] = str(e)
+    return out
+
+
 def lr_law(args: argparse.Namespace) -> dict:
     cols = read_columns(args.csv, {"n": args.n_col, "lr": args.lr_col, "loss": args.loss_col}, {"group": args.group_col, "d": args.d_col, "diverged": "diverged"})
     groups = cols.get("group", np.array(["all"] * len(cols["n"])))
     diverged = np.isin(cols.get("diverged", np.array(["False"] * len(groups))), ["True", "true", "1"]) | ~np.isfinite(cols["loss"])
     targets = [parse_target(t) for t in args.target]
+    if targets and args.target_tokens is None and "d" in cols and len(set(zip(cols["n"], cols["d"]))) > len(set(cols["n"])):
+        raise FitError(f"{args.csv}: some sizes were trained at several token budgets, so η* depends on D; give --target-tokens with --target")
     rng = np.random.default_rng(args.seed)
     report: dict = {"kind": "lr-law", "margin": args.margin, "groups": {}, "messages": []}
     for group in sorted(set(groups)):
-        in_group = groups == group
-        sizes = {}
-        for n in sorted(set(cols["n"][in_group])):
-            at = in_group & (cols["n"] == n)
-            ok = at & ~diverged
-            entry = {"n": n, "runs": int(at.sum()), "diverged_lrs": sorted(float(x) for x in cols["lr"][at & diverged])}
-            if "d" in cols:
-                entry["d"] = float(np.median(cols["d"][at]))
-            try:
-                opt = lr_optimum(cols["lr"][ok], cols["loss"][ok], f"{group}, N={n:.3g}", n_boot=args.bootstrap, seed=args.seed)
-                entry |= {"lr": opt.lr, "lr_ci": opt.ci, "loss": opt.loss, "coeffs": list(map(float, opt.coeffs)), "sensitivity_decades": opt.sensitivity_width(args.margin), "_opt": opt}
-            except FitError as e:
-                entry["message"] = str(e)
-                report["messages"].append(str(e))
-            sizes[n] = entry
-        fitted = [e for e in sizes.values() if "lr" in e]
-        out = {"sizes": [{k: v for k, v in e.items() if not k.startswith("_")} for e in sizes.values()]}
+        cells = fit_cells(cols, groups == group, diverged, group, args, report["messages"])
+        out = {"cells": cells}
         try:
-            n_arr = np.array([e["n"] for e in fitted])
-            y = np.array([e["lr"] for e in fitted])
-            samples = np.column_stack([optimum_samples(e["_opt"], args.bootstrap, rng) for e in fitted]) if fitted else np.empty((0, 0))
-            law = fit_power_law([n_arr], y, samples, f"{group}: η*(N)")
-            out |= {"a": law.coef, "b": law.exponents[0], "a_ci": law.coef_ci, "b_ci": law.exponents_ci[0]}
-            out["predictions"] = {name: {"n": n, "lr": law(n), "lr_ci": law.interval(n)} for name, n in targets}
-            out["_law"] = law
-            d_arr = np.array([e.get("d", math.nan) for e in fitted])
-            if np.all(np.isfinite(d_arr)) and len(set(d_arr)) > 1 and len(fitted) >= 4:
-                joint = fit_power_law([n_arr, d_arr], y, samples, f"{group}: η*(N, D)")
-                out["joint"] = {"c": joint.coef, "alpha": joint.exponents[0], "beta": joint.exponents[1], "c_ci": joint.coef_ci, "alpha_ci": joint.exponents_ci[0], "beta_ci": joint.exponents_ci[1]}
+            out |= fit_law(cells, group, targets, args.target_tokens, args.bootstrap, rng)
         except FitError as e:
             out["message"] = str(e)
             report["messages"].append(str(e))
         report["groups"][group] = out
-    if not any("a" in g for g in report["groups"].values()):
+    if not any("a" in g or "joint" in g for g in report["groups"].values()):
         raise FitError("no LR law could be fitted: " + "; ".join(report["messages"]))
     return report
 
@@ -139,7 +176,8 @@ def write_lr_configs(report: dict, folder: Path) -> list[Path]:
         for name, pred in out.get("predictions", {}).items():
             path = folder / f"{group}_{name}.yaml"
             lo, hi = pred["lr_ci"]
-            path.write_text(f"# @package _global_\n# η*(N) = {out['a']:.4g}·N^{out['b']:.4f} for {group} at N = {pred['n']:.4g} (95% interval {lo:.3g} to {hi:.3g})\noptim:\n  lr: {pred['lr']:.6g}\n")
+            at = f"N = {pred['n']:.4g}" + (f", D = {pred['d']:.4g}" if "d" in pred else "")
+            path.write_text(f"# @package _global_\n# {pred['law']} for {group} at {at} (95% interval {lo:.3g} to {hi:.3g})\noptim:\n  lr: {pred['lr']:.6g}\n")
             written.append(path)
     return written
 
@@ -150,20 +188,24 @@ def render_markdown(report: dict) -> str:
         ci = report["ci"]
         lines += ["| constant | value | 95% interval |", "|---|---|---|"] + [f"| {k} | {report[k]:.4g} | {ci[k][0]:.4g} – {ci[k][1]:.4g} |" for k in ("E", "A", "B", "alpha", "beta")]
         return "\n".join(lines) + "\n"
-    lines += [f"| group | N | runs | η* | 95% interval | loss at η* | LR range within {report['margin']:.0%} (decades) | note |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| group | N | D | runs | η* | 95% interval | loss at η* | LR range within {report['margin']:.0%} (decades) | note |", "|---|---|---|---|---|---|---|---|---|"]
     for group, out in report["groups"].items():
-        for e in out["sizes"]:
-            if "lr" in e:
-                lines.append(f"| {group} | {e['n']:.3g} | {e['runs']} | {e['lr']:.3g} | {e['lr_ci'][0]:.3g} – {e['lr_ci'][1]:.3g} | {e['loss']:.4f} | {e['sensitivity_decades']:.2f} | {len(e['diverged_lrs'])} diverged |")
+        for c in out["cells"]:
+            budget = f"{c['d']:.3g}" if "d" in c else "–"
+            if "lr" in c:
+                lines.append(f"| {group} | {c['n']:.3g} | {budget} | {c['runs']} | {c['lr']:.3g} | {c['lr_ci'][0]:.3g} – {c['lr_ci'][1]:.3g} | {c['loss']:.4f} | {c['sensitivity_decades']:.2f} | {len(c['diverged_lrs'])} diverged |")
             else:
-                lines.append(f"| {group} | {e['n']:.3g} | {e['runs']} | – | – | – | – | {e['message']} |")
-    lines += ["", "| group | a | b (95% interval) | predictions |", "|---|---|---|---|"]
+                lines.append(f"| {group} | {c['n']:.3g} | {budget} | {c['runs']} | – | – | – | – | not fitted: {c['message']} |")
+    lines += ["", "| group | law | exponents (95% interval) | predictions |", "|---|---|---|---|"]
     for group, out in report["groups"].items():
+        preds = "; ".join(f"{name}: {p['lr']:.3g} ({p['lr_ci'][0]:.3g} – {p['lr_ci'][1]:.3g})" for name, p in out.get("predictions", {}).items())
         if "a" in out:
-            preds = "; ".join(f"{name}: {p['lr']:.3g} ({p['lr_ci'][0]:.3g} – {p['lr_ci'][1]:.3g})" for name, p in out["predictions"].items())
-            lines.append(f"| {group} | {out['a']:.4g} | {out['b']:.4f} ({out['b_ci'][0]:.3f} – {out['b_ci'][1]:.3f}) | {preds} |")
-        else:
-            lines.append(f"| {group} | – | – | {out.get('message', '')} |")
+            lines.append(f"| {group} | {out['form']} | b: {out['b_ci'][0]:.3f} – {out['b_ci'][1]:.3f} | {preds} |")
+        if "joint" in out:
+            j = out["joint"]
+            lines.append(f"| {group} | {j['form']} | α: {j['alpha_ci'][0]:.3f} – {j['alpha_ci'][1]:.3f}, β: {j['beta_ci'][0]:.3f} – {j['beta_ci'][1]:.3f} | {preds if 'a' not in out else ''} |")
+        if "message" in out:
+            lines.append(f"| {group} | – | – | {out['message']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--margin", type=float, default=0.01, help="lr-law: loss margin of the sensitivity width (relative)")
         p.add_argument("--target", action="append", default=[], help="lr-law: a model preset or a parameter count to predict η* for")
+        p.add_argument("--target-tokens", type=float, help="lr-law: the targets' token budget, where η* depends on D (several budgets per size)")
         p.add_argument("--lr-conf-dir", type=Path, default=Path("conf/lr"), help="lr-law: where the Hydra fragments go")
     args = parser.parse_args(argv)
     try:

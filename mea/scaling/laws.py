@@ -1,10 +1,22 @@
 """The maths of choosing a learning rate by scaling law, and of the Chinchilla loss law.
 
-- Each size's optimal LR: a quadratic in log LR fitted to the points around the best grid point.
-- η*(N) = a·N^b (and η*(N, D) = c·N^α·D^β when budgets vary), least squares in log space.
+- Each cell's optimal LR, a cell being one model size N trained for one token budget D: a quadratic in log LR
+  fitted to the runs at the LRs around the best one, kept only when its vertex lies within a grid step of the
+  best LR and its loss is near the losses seen there.
+- η*(N) = a·N^b when every size has one budget, η*(N, D) = c·N^α·D^β across cells when budgets vary, least
+  squares in log space.
 - L(N, D) = E + A/N^α + B/D^β by a Huber loss on log residuals, L-BFGS from a grid of starts (Hoffmann et
   al. 2022, approach 3).
 Intervals come from bootstrap resampling of the runs.
+
+How this follows published LR-law studies. Step Law (Li et al. 2025, arXiv 2503.04715) sweeps a grid per
+(N, D) cell, takes each cell's optimum and fits η* = c·N^α·D^β by least squares on logs: the same unit (the
+cell) and the same law. DeepSeek LLM (Bi et al. 2024) fits η* against compute C instead, from the runs within
+0.25% of each budget's best loss; naming a compute column with `--n-col` fits η*(C) here, from each cell's
+optimum rather than from such a band. Where this differs: the optimum is the vertex of a quadratic in log LR
+through the best grid point and its neighbours, not the best grid point itself, so it falls between grid
+points (a √2- or √10-spaced grid is coarse next to the law's slope); a vertex that the data do not bracket
+is refused rather than extrapolated.
 """
 from __future__ import annotations
 
@@ -39,23 +51,41 @@ def fit_quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def lr_optimum(lrs: np.ndarray, losses: np.ndarray, label: str, window: int = 2, n_boot: int = 200, seed: int = 0) -> Optimum:
-    """The optimal LR of one size, from finite runs, with a bootstrap interval."""
-    order = np.argsort(lrs)
-    lrs, losses = lrs[order], losses[order]
+    """The optimal LR of one cell from its finite runs (several seeds per LR are averaged to pick the best LR
+    and all kept in the fit), with a bootstrap interval. Raises FitError, naming the cell, where the data do
+    not determine an optimum."""
     if len(lrs) == 0:
         raise FitError(f"{label}: every run diverged; lower the LR grid")
-    best = int(np.argmin(losses))
-    if best == 0 or best == len(lrs) - 1:
+    grid = np.unique(lrs)
+    means = np.array([losses[lrs == lr].mean() for lr in grid])
+    if len(grid) < 3:
+        raise FitError(f"{label}: {len(lrs)} finite run(s) at {len(grid)} LR(s), fewer than the 3 LRs a quadratic needs; add LRs to the grid")
+    spread = means.max() - means.min()
+    if spread <= 1e-9 * max(1.0, abs(means.mean())):
+        raise FitError(f"{label}: the loss is the same ({means.mean():.4g}) at every LR; the runs did not train, or the loss column is wrong")
+    best = int(np.argmin(means))
+    if best == 0 or best == len(grid) - 1:
         side = "lower" if best == 0 else "higher"
-        raise FitError(f"{label}: the best LR {lrs[best]:.3g} is on the edge of the grid; extend the grid to {side} LRs")
-    pick = slice(max(0, best - window), best + window + 1)
+        raise FitError(f"{label}: the best LR {grid[best]:.3g} is on the edge of the grid; extend the grid to {side} LRs")
+    # A steep wall (runs near divergence) would bend the parabola away from the optimum: LRs whose loss rises more
+    # than 8x the larger neighbour's rise are left out (a parabola sampled on a uniform grid rises at most 6.25x).
+    rise = max(means[best - 1], means[best + 1]) - means[best]
+    near = np.array([lr for lr, m in zip(grid[max(0, best - window) : best + window + 1], means[max(0, best - window) : best + window + 1]) if m - means[best] <= 8 * rise])
+    pick = np.isin(lrs, near)
     x, y = np.log(lrs[pick]), losses[pick]
-    if len(x) < 3:
-        raise FitError(f"{label}: {len(x)} finite runs around the optimum, fewer than the 3 a quadratic needs; add LRs to the grid")
     c0, c1, c2 = fit_quadratic(x, y)
     if c2 <= 0:
-        raise FitError(f"{label}: the loss is not convex around the best LR; add runs or seeds near {lrs[best]:.3g}")
+        raise FitError(f"{label}: the loss is not convex around the best LR; add runs or seeds near {grid[best]:.3g}")
     x_star = -c1 / (2 * c2)
+    loss_star = c0 + c1 * x_star + c2 * x_star**2
+    # Sampled on a grid, a parabola's vertex lies within a step (the larger one beside it) of its lowest grid point,
+    # and at most a quarter of the larger neighbour's rise below it; a fit that says otherwise does not describe
+    # these runs.
+    step = np.log(grid[best + 1] / grid[best - 1]) - min(np.log(grid[best] / grid[best - 1]), np.log(grid[best + 1] / grid[best]))
+    if abs(x_star - math.log(grid[best])) > step:
+        raise FitError(f"{label}: the fitted optimum {math.exp(x_star):.3g} lies more than a grid step from the best LR, {grid[best]:.3g}, outside the LRs that bracket it (a lopsided or noisy curve); add LRs or seeds near it")
+    if not loss_star > max(0.0, means[best] - rise):
+        raise FitError(f"{label}: the fitted loss at the optimum, {loss_star:.4g}, is far below every loss seen near it ({means[best]:.4g}–{means[best] + rise:.4g}); add LRs or seeds near {grid[best]:.3g}")
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot):
@@ -66,7 +96,7 @@ def lr_optimum(lrs: np.ndarray, losses: np.ndarray, label: str, window: int = 2,
         if b2 > 0:
             boots.append(np.clip(-b1 / (2 * b2), x.min(), x.max()))
     lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (x_star, x_star)
-    return Optimum(float(math.exp(x_star)), float(c0 + c1 * x_star + c2 * x_star**2), (float(math.exp(lo)), float(math.exp(hi))), float(c2), (c0, c1, c2))
+    return Optimum(float(math.exp(x_star)), float(loss_star), (float(math.exp(lo)), float(math.exp(hi))), float(c2), (c0, c1, c2))
 
 
 @dataclass

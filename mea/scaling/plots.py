@@ -12,41 +12,59 @@ def plot_report(report: dict, out: Path) -> list[Path]:
     return plot_lr_law(report, out) if report["kind"] == "lr-law" else plot_loss_law(report, out)
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 def plot_lr_law(report: dict, out: Path) -> list[Path]:
+    """lr_curves: each cell's fitted loss against LR, a colour per size and a line style per budget;
+    lr_law: η* against N for each group, coloured by the budget D, with the fitted law at each budget."""
     groups = report["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (group, g) in zip(axes[0], groups.items()):
-        colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(g["sizes"]))))
-        for color, e in zip(colors, g["sizes"]):
-            if "coeffs" in e:
-                c0, c1, c2 = e["coeffs"]
-                x = np.linspace(np.log(e["lr"]) - 1.5, np.log(e["lr"]) + 1.5, 50)
-                ax.plot(np.exp(x), c0 + c1 * x + c2 * x**2, color=color, lw=1)
-                ax.plot([e["lr"]], [e["loss"]], "*", color=color, ms=10, label=f"N={e['n']:.2g}: η*={e['lr']:.2g}")
-            for lr in e["diverged_lrs"]:
-                ax.axvline(lr, color=color, ls=":", lw=0.8)
+        sizes = sorted({c["n"] for c in g["cells"]})
+        budgets = sorted({c.get("d", 0.0) for c in g["cells"]})
+        colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))))
+        for c in g["cells"]:
+            color, style = colors[c["n"]], LINESTYLES[budgets.index(c.get("d", 0.0)) % len(LINESTYLES)]
+            budget = f", D={c['d']:.2g}" if "d" in c else ""
+            if "coeffs" in c:
+                c0, c1, c2 = c["coeffs"]
+                x = np.linspace(np.log(c["lr"]) - 1.5, np.log(c["lr"]) + 1.5, 50)
+                ax.plot(np.exp(x), c0 + c1 * x + c2 * x**2, color=color, ls=style, lw=1)
+                ax.plot([c["lr"]], [c["loss"]], "*", color=color, ms=10, label=f"N={c['n']:.2g}{budget}: η*={c['lr']:.2g}")
+            for lr in c["diverged_lrs"]:
+                ax.axvline(lr, color=color, lw=0.6, alpha=0.5)
         ax.set_xscale("log")
-        ax.set(title=f"{group}: loss against LR (dotted: diverged)", xlabel="learning rate", ylabel="loss")
-        ax.legend(fontsize=7)
+        ax.set(title=f"{group}: loss against LR per cell (thin vertical lines: diverged)", xlabel="learning rate", ylabel="loss")
+        ax.legend(fontsize=6)
     path1 = save_figure(fig, out / "lr_curves")
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for group, g in groups.items():
-        pts = [e for e in g["sizes"] if "lr" in e]
-        if not pts:
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
+    for ax, (group, g) in zip(axes[0], groups.items()):
+        cells = [c for c in g["cells"] if "lr" in c]
+        if not cells:
             continue
-        n = np.array([e["n"] for e in pts])
-        lines = ax.errorbar(n, [e["lr"] for e in pts], yerr=np.abs(np.array([e["lr_ci"] for e in pts]).T - [e["lr"] for e in pts]), fmt="o", label=group)
+        budgets = sorted({c.get("d", 0.0) for c in cells})
+        colors = dict(zip(budgets, plt.cm.plasma(np.linspace(0, 0.8, len(budgets)))))
+        targets = [p["n"] for p in g.get("predictions", {}).values()]
+        span = [c["n"] for c in cells] + targets
+        grid = np.geomspace(min(span) / 1.5, max(span) * 1.5, 50)
+        for d in budgets:
+            at = [c for c in cells if c.get("d", 0.0) == d]
+            lr = np.array([c["lr"] for c in at])
+            ax.errorbar([c["n"] for c in at], lr, yerr=np.abs(np.array([c["lr_ci"] for c in at]).T - lr), fmt="o", color=colors[d], label=f"D={d:.2g}" if d else "η* per size")
+            if "joint" in g and "a" not in g:
+                j = g["joint"]
+                ax.plot(grid, j["c"] * grid ** j["alpha"] * d ** j["beta"], color=colors[d], lw=1)
         if "a" in g:
-            targets = [p["n"] for p in g["predictions"].values()]
-            span = [*n, *targets]
-            grid = np.geomspace(min(span) / 1.5, max(span) * 1.5, 50)
-            ax.plot(grid, g["a"] * grid ** g["b"], color=lines[0].get_color(), lw=1, label=f"{group}: {g['a']:.3g}·N^{g['b']:.3f}")
-            for name, p in g["predictions"].items():
-                ax.errorbar([p["n"]], [p["lr"]], yerr=[[p["lr"] - p["lr_ci"][0]], [p["lr_ci"][1] - p["lr"]]], fmt="s", mfc="none", color=lines[0].get_color())
-                ax.annotate(name, (p["n"], p["lr"]), fontsize=7)
-    ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="optimal LR η*", title="η*(N) and its extrapolation")
-    ax.legend(fontsize=7)
+            ax.plot(grid, g["a"] * grid ** g["b"], color="k", lw=1, label=g["form"])
+        elif "joint" in g:
+            ax.plot([], [], color="k", lw=1, label=g["joint"]["form"])
+        for name, p in g.get("predictions", {}).items():
+            ax.errorbar([p["n"]], [p["lr"]], yerr=[[p["lr"] - p["lr_ci"][0]], [p["lr_ci"][1] - p["lr"]]], fmt="s", mfc="none", color="k")
+            ax.annotate(name, (p["n"], p["lr"]), fontsize=7)
+        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="optimal LR η*", title=f"{group}: η* and its law")
+        ax.legend(fontsize=6)
     return [path1, save_figure(fig, out / "lr_law")]
 
 
