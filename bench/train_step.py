@@ -11,6 +11,10 @@ starting one variant later, and each variant's timed steps follow one untimed st
 to `mha` is taken round by round, so that it compares steps timed seconds apart, and the table gives the median
 of those ratios and their middle half (quartiles). Tokens/s is the median over rounds. Imports torch and
 mea.models only, so it runs on a bare GPU machine.
+
+The training dynamics (mea.models.dynamics) cost nothing on a training step: they are one extra forward pass at
+eval steps, with hooks that live only for that pass. The last column gives that pass's time in training steps,
+and the step times are measured after a pass on every model, so a hook left behind would show in them.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import describe, matmul_peak, sync  # noqa: E402
 from mea.cpu_heap import keep_freed_memory  # noqa: E402
 from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
+from mea.models.dynamics import DYNAMICS_SEQUENCES, measure  # noqa: E402
 from mea.models.attention.diff import DiffConfig  # noqa: E402
 from mea.models.attention.mea import MEAConfig  # noqa: E402
 
@@ -103,6 +108,15 @@ def main() -> None:
             peak_memory[name] = torch.cuda.max_memory_allocated() / 2**30
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):  # what the timed forward keeps
             saved[name] = saved_activation_bytes(models[name][2], x[:, :-1]) / 2**20
+    dynamics_steps = {}
+    for name in models:  # before the timed rounds: whatever the pass leaves behind is in the step times
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            measure(models[name][0], x[:DYNAMICS_SEQUENCES, :-1])
+        sync(device)
+        dynamics_steps[name] = time.perf_counter() - start
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in models[name][0].modules()), "the dynamics pass left a hook"
     times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
     for r in range(rounds):
@@ -120,14 +134,15 @@ def main() -> None:
     print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}" + (" · freed memory kept" if heap_kept else ""))
     print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
-    print(f"{'variant':<19} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7}" + (f" {'peak GiB':>9}" if peak_memory else ""))
+    print(f"{'variant':<19} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7} {'dyn pass':>9}" + (f" {'peak GiB':>9}" if peak_memory else ""))
     for name, ts in times.items():
         t = statistics.median(ts)
         ratios = [t_mha / t_variant for t_mha, t_variant in zip(times["mha"], ts)]
         q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         flops = models[name][0].flops_per_token(p["seq_len"]) * tokens
         mem = f" {peak_memory[name]:9.2f}" if peak_memory else ""
-        print(f"{name:<19} {tokens / t:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {flops / t / peak:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f}{mem}")
+        print(f"{name:<19} {tokens / t:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {flops / t / peak:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dynamics_steps[name] / t:9.2f}{mem}")
+    print("dyn pass: one dynamics pass (eval steps only), in training steps of that variant; no hook stays on the model")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,39 @@ def plot_curves(groups: dict[str, list[Run]], baseline: str, out: Path, beta: fl
     return paths
 
 
+def dynamics_curve(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A `dyn/` quantity against tokens; `dyn/entropy/L<l>` is the mean over that layer's heads."""
+    rows = [r for r in run.rows if any(k == key or k.startswith(key + "/") for k in r)]
+    values = [np.mean([v for k, v in r.items() if k == key or k.startswith(key + "/")]) for r in rows]
+    return np.array([r["tokens"] for r in rows], dtype=float), np.array(values)
+
+
+def plot_dynamics(groups: dict[str, list[Run]], out: Path) -> list[Path]:
+    """One figure per dynamics quantity (mea.models.dynamics), a panel per layer, a line per arm, seeds as a band."""
+    per_layer: dict[str, set[int]] = defaultdict(set)
+    for runs in groups.values():
+        for row in runs[0].rows:
+            for key in row:
+                if key.startswith("dyn/"):
+                    quantity, layer = key.split("/")[1:3]
+                    per_layer[quantity].add(int(layer[1:]))
+    colors = dict(zip(groups, plt.cm.tab10.colors))
+    paths = []
+    for quantity, layers in per_layer.items():
+        layers = sorted(layers)
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3), squeeze=False, sharey=True)
+        for ax, layer in zip(axes[0], layers):
+            for variant, runs in groups.items():
+                curves = [dynamics_curve(r, f"dyn/{quantity}/L{layer}") for r in runs]
+                if all(len(t) for t, _ in curves):
+                    band(ax, curves, variant, colors[variant], "o-")
+            ax.set(title=f"layer {layer}", xlabel="tokens")
+        axes[0][0].set_ylabel(quantity + (" (mean over heads)" if quantity == "entropy" else ""))
+        axes[0][-1].legend(fontsize=6)
+        paths.append(save_figure(fig, out / f"dynamics_{quantity}"))
+    return paths
+
+
 def plot_lr_sensitivity(results: Path, out: Path) -> Path:
     rows = read_results(results)
     sizes = sorted({r["size"] for r in rows})
@@ -147,7 +180,13 @@ def fmt(x: float, spec: str, suffix: str = "×") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec) + suffix
 
 
-def markdown(rows: list[dict], baseline: str, plots: list[Path], notes: list[str], runs: list[Run]) -> str:
+DYNAMICS_NOTE = ("Per layer, at eval steps (mea/models/dynamics.py): resid_rms, the residual stream entering the layer; attn_ratio and "
+                 "mlp_ratio, each branch's output RMS over the stream it joins; head_norm_scale, mean |γ|; hlc_*/mix_* _dist and _offdiag, "
+                 "how far MEA's and THA's head-mixing matrices moved from no mixing; lambda, DIFF's λ; entropy, of each head's attention "
+                 "distribution (nats, mean over heads). A line per arm, the band spans the seeds.")
+
+
+def markdown(rows: list[dict], baseline: str, plots: list[Path], dynamics: list[Path], notes: list[str], runs: list[Run]) -> str:
     lines = ["# Comparison", ""]
     lines += [f"> **Warning:** {n}" for n in notes] + ([""] if notes else [])
     lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s (median) |", "|---|---|---|---|---|---|---|"]
@@ -156,6 +195,8 @@ def markdown(rows: list[dict], baseline: str, plots: list[Path], notes: list[str
                      f"{fmt(r['tokens_to_baseline_ratio'], '.2f')} | {r['tokens_per_s']:,.0f} |")
     lines += ["", "Tokens to the baseline's final loss: the first point of each run's validation curve at or below the baseline's mean final validation loss, as a share of the baseline's tokens (– : not reached).", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
+    if dynamics:
+        lines += ["", "## Training dynamics", "", DYNAMICS_NOTE, ""] + [f"![{p.stem}]({p.name})" for p in dynamics]
     lines += ["", "Runs:", ""] + [f"- `{r.path}` ({r.variant}, lr {r.config.optim.lr:g}, seed {r.config.trainer.seed})" for r in runs]
     return "\n".join(lines) + "\n"
 
@@ -222,9 +263,10 @@ def compare(run_dirs: list[Path], out: Path, baseline: str | None, results: Path
     plots = plot_curves(groups, baseline, out, beta, log_x)
     if results is not None:
         plots.append(plot_lr_sensitivity(results, out))
-    (out / "report.md").write_text(markdown(rows, baseline, plots, notes, runs))
-    (out / "report.html").write_text(to_html(rows, baseline, plots, notes))
-    return {"rows": rows, "plots": plots, "notes": notes, "baseline": baseline}
+    dynamics = plot_dynamics(groups, out)
+    (out / "report.md").write_text(markdown(rows, baseline, plots, dynamics, notes, runs))
+    (out / "report.html").write_text(to_html(rows, baseline, plots + dynamics, notes))
+    return {"rows": rows, "plots": plots + dynamics, "dynamics": dynamics, "notes": notes, "baseline": baseline}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,6 +81,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    dynamics: bool = True  # at eval steps: per-layer stream and branch RMS, head norms, head mixing, attention entropy
     sample_prompt: str = "def "
     sample_tokens: int = 64
 

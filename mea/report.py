@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mea.compare import DYNAMICS_NOTE
 from mea.plotting import plt, save_figure
 from mea.runs import made_with
 from mea.scaling.sweep import at_largest_size, read_results
@@ -196,6 +197,9 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
         lines += [f"![loss]({rel(prefix + 'loss_vs_tokens.png')}) ![delta]({rel(prefix + 'delta_vs_baseline.png')})", ""]
         if comp["notes"]:
             lines += [f"> {n}" for n in comp["notes"]] + [""]
+    if comparisons["main"]["dynamics"]:
+        lines += ["### Training dynamics (main corpus)", "", DYNAMICS_NOTE, ""]
+        lines += [" ".join(f"![{p.stem}]({rel(p.name)})" for p in comparisons["main"]["dynamics"]), ""]
     lines += ["## KV-cache compression", "", f"Continued pretraining: {compression[0]['recover_steps']} steps, the same for every row. Validation loss here is "
               "`mea-eval`'s, over the first 256 validation windows (the trainer's own, in the table above, reads fewer).", "",
               "| setting | val loss after conversion | after continued pretraining | KV bytes/token (bf16) | decode ms/token (CPU, batch 4) |", "|---|---|---|---|---|"]

@@ -5,7 +5,7 @@ import re
 
 from mea.runs import code_version
 
-from .conftest import SHAKESPEARE, run_cli
+from .conftest import run_cli
 
 SPEC = """
 name: micro
@@ -33,15 +33,15 @@ second_corpus: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size
 
 def test_bad_compression_settings_fail_before_any_run(tmp_path):
     spec = tmp_path / "bad.yaml"
-    spec.write_text(SPEC.format(out=tmp_path, shakespeare=SHAKESPEARE).replace("kv_heads: [2]", "kv_heads: [2, 4]"))
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("kv_heads: [2]", "kv_heads: [2, 4]"))
     proc = run_cli("-m", "mea.experiment", str(spec))
     assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_micro_protocol_produces_a_consistent_report(tmp_path):
+def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     spec = tmp_path / "micro.yaml"
-    spec.write_text(SPEC.format(out=tmp_path, shakespeare=SHAKESPEARE))
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare=shakespeare))
     proc = run_cli("-m", "mea.experiment", str(spec), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = (tmp_path / "results" / "micro.md").read_text()

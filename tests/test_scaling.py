@@ -252,7 +252,7 @@ def test_awkward_cells_get_their_reason_and_the_rest_of_the_fit_goes_on(tmp_path
     assert len(fitted) == 10 and g["joint"]["alpha"] == pytest.approx(-0.35, abs=0.05)
     table = (tmp_path / "o" / "fit.md").read_text()
     for reason in ("the loss is the same", "more than a grid step", "fewer than the 3 LRs"):
-        assert f"not fitted: all, N=" in table and reason in table
+        assert "not fitted: all, N=" in table and reason in table
 
 
 def test_a_vertex_far_below_every_loss_seen_is_refused_not_square_rooted():

@@ -6,13 +6,15 @@ an attention variant: `build_attention` turns the attention config into a module
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionConfig, HeadShape, KVCache, Rotary, build_attention, variant_class
+from .attention.base import HeadNorm
+from .init import InitConfig, resolve_init
 
 
 @dataclass
@@ -29,7 +31,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    init_std: float = 0.02
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def __post_init__(self):
+        if isinstance(self.init, dict):  # read back from a saved config (asdict)
+            self.init = InitConfig(**self.init)
 
     def kv_heads(self, layer: int) -> int:
         if self.kv_heads_per_layer:
@@ -114,6 +120,7 @@ class LM(nn.Module):
             raise ValueError("model.vocab_size is not set; it comes from the tokenizer, or set it explicitly")
         self.cfg = cfg
         self.attention_cfg = attention
+        self.embed_multiplier = resolve_init(cfg.init, cfg.dim).embed_multiplier
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, attention, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -124,12 +131,26 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Linear and embedding weights ~ N(0, σ); output projections of residual branches σ/√(2L) (GPT-2)."""
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                residual_out = name.endswith(("attention.wo", "mlp.w2"))
-                std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers) if residual_out else self.cfg.init_std
-                nn.init.normal_(module.weight, 0.0, std)
+        """Every weight as `model.init` says (mea/models/init.py); variants' own parameters keep their module's init."""
+        init = resolve_init(self.cfg.init, self.cfg.dim)
+        nn.init.normal_(self.embed.weight, 0.0, init.embed_std)
+        for layer, block in enumerate(self.blocks):
+            residual_std = init.residual_std_at(layer, self.cfg.n_layers)
+            nn.init.normal_(block.attention.wqkv.weight, 0.0, init.std)
+            nn.init.normal_(block.attention.wo.weight, 0.0, residual_std)
+            if init.up_as_residual:
+                gate, up = block.mlp.w13.weight.chunk(2)
+                nn.init.normal_(gate, 0.0, init.std)
+                nn.init.normal_(up, 0.0, residual_std)
+            else:
+                nn.init.normal_(block.mlp.w13.weight, 0.0, init.std)
+            nn.init.normal_(block.mlp.w2.weight, 0.0, residual_std)
+            for norm in block.attention.modules():
+                if isinstance(norm, HeadNorm):
+                    norm.weight.fill_(init.head_norm_scale)
+        if not self.cfg.tie_embeddings:
+            cutoff = (init.head_cutoff or math.inf) * init.head_std
+            nn.init.trunc_normal_(self.head.weight, 0.0, init.head_std, -cutoff, cutoff)
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx_BT, or with targets the mean next-token cross-entropy.
@@ -141,6 +162,8 @@ class LM(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         rope = Rotary(torch.arange(start, start + T, device=idx_BT.device), self.cfg.rope_theta)
         x = self.embed(idx_BT)
+        if self.embed_multiplier != 1.0:
+            x = x * self.embed_multiplier
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None)
         logits = self.head(self.norm(x))

@@ -3,6 +3,7 @@
     mea-sweep sweeps/example.yaml                 # locally, one run after another
     mea-sweep sweeps/example.yaml --slurm         # as SLURM job arrays (hydra-submitit-launcher)
     mea-sweep sweeps/example.yaml --collect-only  # only (re)write results.csv
+    mea-sweep sweeps/example.yaml --size tiny64   # one size only: sizes side by side in processes of their own
 
 Each (variant, size, lr, seed) run has a fixed directory `<out>/<size>/<variant>/lr<lr>-s<seed>`, so running the
 spec again skips what finished (or diverged) and resumes what failed from its checkpoint.
@@ -13,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -149,7 +151,7 @@ def result_row(run_dir: Path) -> dict:
 def collect(out: Path) -> Path:
     """results.csv from every finished run under `out`, written atomically."""
     rows = [result_row(p.parent) for p in sorted(out.glob("*/*/*/summary.json"))]
-    tmp = out / "results.csv.tmp"
+    tmp = out / f"results.csv.{os.getpid()}.tmp"  # sizes run side by side (--size) collect at the same time
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -186,10 +188,15 @@ def best_by_arm(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
-def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False) -> Path | None:
-    """Run (or resume) every multirun of the spec, then write results.csv; returns its path (None for a dry run)."""
+def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False, only_sizes: list[str] | None = None) -> Path | None:
+    """Run (or resume) every multirun of the spec (of the sizes named in only_sizes, if given), then write
+    results.csv from every finished run under the spec's folder; returns its path (None for a dry run)."""
     out = Path(spec.out)
-    jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
+    labels = [size.label for size in spec.sizes]
+    if unknown := sorted(set(only_sizes or []) - set(labels)):
+        raise SweepError(f"--size {' '.join(unknown)}: the spec has no such size; its sizes are {', '.join(labels)}")
+    sizes = [size for size in spec.sizes if not only_sizes or size.label in only_sizes]
+    jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in sizes for arm, overrides in spec.arm_overrides().items()]
     if dry_run:
         for size, arm, shared in jobs:
             print(" ".join(multirun_command(spec, size, arm, shared, out, slurm)))
@@ -215,9 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slurm", action="store_true", help="fan each size out as a SLURM job array")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the multirun commands")
+    parser.add_argument("--size", action="append", help="run only this size of the spec (repeatable): one process or machine per size")
     args = parser.parse_args(argv)
     try:
-        run_sweep(load_spec(args.spec), args.slurm, args.collect_only, args.dry_run)
+        run_sweep(load_spec(args.spec), args.slurm, args.collect_only, args.dry_run, args.size)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -33,6 +33,10 @@ class Engine:
         for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
             yield xm.to(self.device, non_blocking=True), ym.to(self.device, non_blocking=True)
 
+    def full_parameters(self):
+        """A context in which self.model's parameters hold their full values (ZeRO-3 gathers its partitions)."""
+        return nullcontext()
+
     @staticmethod
     def all_finite(losses: list[torch.Tensor]) -> bool:
         finite = torch.stack(losses).isfinite().all().float()
@@ -168,6 +172,13 @@ class DeepSpeedEngine(Engine):
         path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=True)
         if path is None:
             raise ConfigError(f"{folder} holds no DeepSpeed checkpoint; it was written without DeepSpeed — resume with the same deepspeed setting")
+
+    def full_parameters(self):
+        if self.cfg.deepspeed.stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))  # a collective: every rank enters
 
     def consolidated_state(self) -> dict[str, torch.Tensor]:
         """The full fp32 weights, gathered from every rank's partition (all ranks must call this)."""

@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,7 @@ from mea.models import LM, ModelConfig, variant_class
 from mea.runs import code_version
 
 from . import checkpoint
+from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
 from .engine import Engine, build_engine, describe, setup_distributed
 from .metrics import MetricsLogger, peak_flops
 
@@ -86,6 +88,13 @@ def evaluate(engine: Engine, windows: TokenWindows, n_windows: int, micro: int, 
         dist.all_reduce(total)
     module.train()
     return (total[0] / total[1]).item()
+
+
+def dynamics(engine: Engine, windows: TokenWindows) -> dict[str, float]:
+    """The training dynamics (mea.models.dynamics) on the first validation windows, the same on every rank."""
+    x, _ = windows.stack(np.arange(min(DYNAMICS_SEQUENCES, len(windows))))
+    with engine.full_parameters(), engine.autocast:
+        return measure(engine.model, x.to(engine.device))
 
 
 class StopFlag:
@@ -212,6 +221,8 @@ def run(dict_cfg: DictConfig) -> dict:
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if evaluating:
                 state["val_loss"] = row["val_loss"] = evaluate(engine, val_windows, tc.eval_batches * tc.global_batch, micro, rank, world_size)
+                if tc.dynamics:
+                    row |= dynamics(engine, val_windows)
             metrics.log(row)
             progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
             state["window_losses"], last_log_time, last_row = [], time.perf_counter(), row

@@ -207,6 +207,22 @@ def causal_attention(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSE: torch.T
     return F.scaled_dot_product_attention(q_BHTD, k_BGSD, v_BGSE, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def causal_probs(q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ·scale + causal) of every query head, (B, H, T, S): the map a fused kernel never shows."""
+    if (group := q_BHTD.shape[1] // k_BGSD.shape[1]) > 1:
+        k_BGSD = k_BGSD.repeat_interleave(group, dim=1)
+    T, S = q_BHTD.shape[2], k_BGSD.shape[2]
+    logits = (q_BHTD @ k_BGSD.transpose(-2, -1) * scale).masked_fill(~causal_mask(T, S, q_BHTD.device), float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def mixing_stats(name: str, mix: torch.Tensor, identity: torch.Tensor) -> dict[str, float]:
+    """How far a head-mixing matrix has moved from where the heads do not talk: ‖M − I‖_F, and the share of
+    Σ|M| that lies off the identity's support (0: no head reads another)."""
+    off = identity == 0
+    return {f"{name}_dist": (mix - identity).norm().item(), f"{name}_offdiag": (mix.abs()[off].sum() / mix.abs().sum()).item()}
+
+
 def split_heads(x_BTX: torch.Tensor, n_heads: int) -> torch.Tensor:
     B, T, _ = x_BTX.shape
     return x_BTX.view(B, T, n_heads, -1).transpose(1, 2)

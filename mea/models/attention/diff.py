@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, default_scale, register, rotate
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, causal_probs, default_scale, register, rotate
 from .mha import MultiHeadAttention
 
 
@@ -63,15 +63,30 @@ class DifferentialAttention(MultiHeadAttention):
 
     def forward(self, x_BTC: torch.Tensor, rope: Rotary, cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.project(x_BTC)
+        q1, q2, k = self.rotate_halves(q, k, rope)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        scale = default_scale(self.shape.head_dim // 2)
+        o1 = causal_attention(q1, k, v, scale)
+        o2 = causal_attention(q2, k, v, scale)
+        return self.output(torch.addcmul(o1, o2, -self.lambda_()))
+
+    def rotate_halves(self, q: torch.Tensor, k: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q¹ and q² as q rotated with the other half zeroed, and k with both halves rotated: q¹·k = q¹_h·k¹_h."""
         # Each half is rotated as a head of width D/2. q¹·k¹ is then q rotated with its second half zeroed, dotted
         # with the whole k (likewise q²·k²): both maps run the fused kernel at the full width D, where E = Ev keeps
         # SDPA on its flash path (2.3x faster on CPU than halves), and the zeroing rides on the rotation.
         turns = rope.turns(self.shape.head_dim // 2)
         zero = torch.zeros_like(turns)
-        k = rotate(k, torch.cat([turns, turns], dim=-1))
-        if cache is not None:
-            k, v = cache.update(k, v)
+        return rotate(q, torch.cat([turns, zero], dim=-1)), rotate(q, torch.cat([zero, turns], dim=-1)), rotate(k, torch.cat([turns, turns], dim=-1))
+
+    def attention_probs(self, x_BTC: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """The two softmax maps of every head, (B, 2H, T, T): first maps in 0 … H−1, second maps in H … 2H−1
+        (their difference is no distribution)."""
+        q, k, _ = self.project(x_BTC)
+        q1, q2, k = self.rotate_halves(q, k, rope)
         scale = default_scale(self.shape.head_dim // 2)
-        o1 = causal_attention(rotate(q, torch.cat([turns, zero], dim=-1)), k, v, scale)
-        o2 = causal_attention(rotate(q, torch.cat([zero, turns], dim=-1)), k, v, scale)
-        return self.output(torch.addcmul(o1, o2, -self.lambda_()))
+        return torch.cat([causal_probs(q1, k, scale), causal_probs(q2, k, scale)], dim=1)
+
+    def dynamics(self) -> dict[str, float]:
+        return super().dynamics() | {"lambda": self.lambda_().item()}

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_mask, default_scale, register
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_mask, default_scale, mixing_stats, register
 from .mha import MultiHeadAttention
 
 HLC_INITS = ("identity", "identity_noise", "random")
@@ -91,6 +91,11 @@ class ExplicitAttention(MultiHeadAttention):
         # The cache keeps the G stored heads side by side, (B, 1, S, G·D): read as one shared head with no copy.
         k_B1SX, v_B1SX = cache.update(side_by_side(rope(k0)), side_by_side(v0))
         return self.output(self.absorbed_attention(rope(q), k_B1SX, v_B1SX))
+
+    def dynamics(self) -> dict[str, float]:
+        """The head norm's scale, and how far C_K and C_V have moved from no mixing (the identity, or GQA's copy)."""
+        no_mixing = grouped_identity(self.shape.n_kv_heads, self.shape.n_heads).to(self.hlc_k.device)
+        return super().dynamics() | mixing_stats("hlc_k", self.hlc_k, no_mixing) | mixing_stats("hlc_v", self.hlc_v, no_mixing)
 
     def absorbed_attention(self, q_BHTD: torch.Tensor, k_B1SX: torch.Tensor, v_B1SX: torch.Tensor) -> torch.Tensor:
         """Attention of H queries over G stored heads, side by side as one shared head of width G·D.

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, register, split_heads
+from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_attention, causal_probs, default_scale, register, split_heads
 
 
 @dataclass
@@ -57,3 +57,12 @@ class MultiHeadAttention(nn.Module):
         if self.head_norm is None:
             return self.wo(o_BTHD.flatten(2))
         return self.head_norm.project(o_BTHD, self.wo.weight)
+
+    def attention_probs(self, x_BTC: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """Each head's attention distribution over the keys, (B, H, T, T), for the dynamics at eval steps."""
+        q, k, _ = self.project(x_BTC)
+        return causal_probs(rope(q), rope(k), default_scale(self.shape.head_dim))
+
+    def dynamics(self) -> dict[str, float]:
+        """This layer's own parameters as numbers for the dynamics at eval steps: the head-norm scale mean |γ|."""
+        return {} if self.head_norm is None else {"head_norm_scale": self.head_norm.weight.abs().mean().item()}

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, register
+from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, mixing_stats, register
 from .mha import MultiHeadAttention
 
 
@@ -40,15 +40,30 @@ class TalkingHeadsAttention(MultiHeadAttention):
         if cache is not None:
             k, v = cache.update(k, v)
         if (group := self.shape.n_heads // k.shape[1]) > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        logits_BHTS = (q * default_scale(self.shape.head_dim)) @ k.transpose(-2, -1)  # scale the small side
+            v = v.repeat_interleave(group, dim=1)
+        weights_BHTS = mix_heads(self.mixed_probs(q, k), self.mix_weights)
+        return self.output(weights_BHTS @ v)
+
+    def mixed_probs(self, q_BHTD: torch.Tensor, k_BGSD: torch.Tensor) -> torch.Tensor:
+        """softmax(L′): each head's distribution over the keys after the heads talk, before the second mixing."""
+        if (group := self.shape.n_heads // k_BGSD.shape[1]) > 1:
+            k_BGSD = k_BGSD.repeat_interleave(group, dim=1)
+        logits_BHTS = (q_BHTD * default_scale(self.shape.head_dim)) @ k_BGSD.transpose(-2, -1)  # scale the small side
         T, S = logits_BHTS.shape[-2:]
         # Adding a 0/−inf bias, not masked_fill: its backward is free (the softmax already gives masked positions
         # zero gradient), and not in place: an in-place op on the mixed maps' view copies T×S maps in backward.
-        causal_bias = torch.zeros(T, S, dtype=logits_BHTS.dtype, device=x_BTC.device).masked_fill_(~causal_mask(T, S, x_BTC.device), float("-inf"))
-        logits_BHTS = mix_heads(logits_BHTS, self.mix_logits) + causal_bias
-        weights_BHTS = mix_heads(logits_BHTS.softmax(dim=-1), self.mix_weights)
-        return self.output(weights_BHTS @ v)
+        causal_bias = torch.zeros(T, S, dtype=logits_BHTS.dtype, device=q_BHTD.device).masked_fill_(~causal_mask(T, S, q_BHTD.device), float("-inf"))
+        return (mix_heads(logits_BHTS, self.mix_logits) + causal_bias).softmax(dim=-1)
+
+    def attention_probs(self, x_BTC: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """softmax(L′) of each head, (B, H, T, T): the mixed weights W′ after it are no distribution."""
+        q, k, _ = self.project(x_BTC)
+        return self.mixed_probs(rope(q), rope(k))
+
+    def dynamics(self) -> dict[str, float]:
+        """How far P_l and P_w have moved from the identity (plain attention)."""
+        eye = torch.eye(self.shape.n_heads, device=self.mix_logits.device)
+        return mixing_stats("mix_logits", self.mix_logits, eye) | mixing_stats("mix_weights", self.mix_weights, eye)
 
 
 def mix_heads(maps_BHTS: torch.Tensor, mix_HJ: torch.Tensor) -> torch.Tensor:
