@@ -46,6 +46,9 @@ def test_compare_report_matches_the_runs(runs, tmp_path):
     mea_row = re.search(r"\| mea \| 1 \| ([\d.]+) ± 0\.0000 \| ([+-][\d.]+) \|", report)
     assert float(mea_row.group(1)) == pytest.approx(mea_final, abs=1e-4) and float(mea_row.group(2)) == pytest.approx(mea_final - mean, abs=1e-4)
     assert "<table" in (out / "report.html").read_text()
+    assert "## Training dynamics" in report  # every quantity logged, a figure each
+    for quantity in ("resid_rms", "attn_ratio", "mlp_ratio", "entropy", "head_norm_scale", "hlc_k_offdiag", "hlc_v_dist"):
+        assert (out / f"dynamics_{quantity}.png").stat().st_size > 1000 and f"(dynamics_{quantity}.png)" in report
 
 
 def test_compare_warns_on_different_data_and_errors_on_missing_runs(runs, tmp_path, shakespeare):
@@ -108,6 +111,9 @@ def test_wandb_workspace_plots_what_the_runs_log(runs):
     logged = set().union(*(row.keys() for row in metrics(runs["mea-0"])))
     panels = [p["config"] for s in view["spec"]["section"]["panelBankConfig"]["sections"] for p in s["panels"]]
     assert {p["chartTitle"] for p in panels} >= {"training loss", "validation loss"}
-    for panel in panels:
+    for panel in panels:  # a dynamics panel names its keys by a pattern, which some key logged for `mea` matches
         assert panel["xAxis"] in logged and set(panel["metrics"]) <= logged, panel
+        if panel.get("useMetricRegex"):
+            assert any(re.fullmatch(panel["metricRegex"], key) for key in logged) or panel["chartTitle"].startswith(("THA", "DIFF")), panel
+    assert {p["metricRegex"] for p in panels if p.get("useMetricRegex")} >= {"dyn/attn_ratio/.*", "dyn/hlc_k_offdiag/.*", "dyn/entropy/.*"}
     assert load_config(runs["mea-0"] / "config.yaml").arm == "mea"

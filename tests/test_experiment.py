@@ -75,3 +75,56 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     assert f"code: {code_version()} ({n_runs} runs)" in report  # every run names the commit that trained it
     recovery = next(line for line in report.splitlines() if line.startswith("python train.py") and "+experiment=recover" in line)
     assert "trainer.init_from=" in recovery and "compression/" in recovery
+
+
+AUDIT = """
+name: audit
+arms:
+  mha-gpt2: [attention=mha, model.init.scheme=gpt2]
+  mha-llama: [attention=mha, model.init.scheme=llama]
+  mea-llama: [attention=mea, model.init.scheme=llama]
+sizes:
+  - {{model: tiny, name: w32, tokens: 4096, overrides: [model.dim=32, model.n_heads=2]}}
+lr_min: 1.0e-3
+lr_max: 1.0e-1
+lr_points: 3
+overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
+out: {out}/runs
+"""
+
+
+def test_init_audit_reads_every_number_from_its_runs(tmp_path):
+    spec = tmp_path / "audit.yaml"
+    spec.write_text(AUDIT.format(out=tmp_path))
+    report = tmp_path / "audit.md"
+    proc = run_cli("-m", "mea.init_audit", str(spec), "--seeds", "1", "--report", str(report), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    with open(tmp_path / "runs" / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["diverged"] != "True"]
+    for arm, (variant, scheme) in {"mha-gpt2": ("mha", 0), "mha-llama": ("mha", 1), "mea-llama": ("mea", 1)}.items():
+        best = min(rows, key=lambda r: float(r["final_val_loss"]) if r["variant"] == arm else float("inf"))
+        cells = re.search(rf"^\| {variant} \| ([^|]+) \| ([^|]+) \|", text, re.M).groups()
+        assert cells[scheme].strip().strip("*").startswith(f"{float(best['final_val_loss']):.4f} @ {float(best['lr']):g}"), (arm, cells)
+    variances = []
+    for arm in ("mha-gpt2", "mha-llama", "mea-llama"):  # the noise: each arm's best seed-0 run against its seed-1 run at that LR
+        seed0 = min(float(r["final_val_loss"]) for r in rows if r["variant"] == arm)
+        seed1 = json.loads((tmp_path / "runs" / "seeds" / "w32" / arm / "s1" / "summary.json").read_text())["final_val_loss"]
+        variances.append((seed0 - seed1) ** 2 / 2)
+    sigma = float(re.search(r"Seed noise: σ = ([\d.]+)", text).group(1))
+    assert abs(sigma - (sum(variances) / 3) ** 0.5) < 1e-4
+    assert re.search(r"^- \*\*gpt2\*\*: (passes|fails)", text, re.M) and re.search(r"^- \*\*llama\*\*: (passes|fails)", text, re.M)
+    seed_rows = [json.loads(line) for line in (tmp_path / "runs" / "seeds" / "w32" / "mea-llama" / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in seed_rows if "dyn/hlc_k_offdiag/L1" in r]) >= 5 and "## Training dynamics at w32" in text
+    assert "| w32 | mea-llama | " in text  # the branch ratios at initialisation
+    for image in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert (tmp_path / image).is_file(), image
+
+
+def test_a_scheme_passes_the_audit_only_when_it_handicaps_no_variant_beyond_noise():
+    from mea.init_audit import verdicts
+
+    best = {("d64", "mha", "gpt2"): {"loss": 3.70}, ("d64", "mha", "llama"): {"loss": 3.72},
+            ("d64", "mea", "gpt2"): {"loss": 4.30}, ("d64", "mea", "llama"): {"loss": 3.69}}
+    assert verdicts(best, tolerance=0.05) == {"gpt2": ["mea at d64 is +0.610 above its best scheme"], "llama": []}
+    assert verdicts(best, tolerance=0.01)["llama"] == ["mha at d64 is +0.020 above its best scheme"]

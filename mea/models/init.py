@@ -6,7 +6,9 @@ Parameter families, each drawn from N(0, σ):
     residual     the output projections that write into the residual stream (W_O, W_2)
     head         the LM head (untied)
     head norm    the scale γ of a variant's per-head norm (`mha_gn`, `mea`, `diff`), a constant
-A variant's own parameters (HLC, talking-heads mixing, DIFF's λ) keep the init its module documents.
+A variant's own parameters (HLC, talking-heads mixing, DIFF's λ) keep the init its module documents. With
+tied embeddings the head is the embedding and keeps the embedding's σ: under `llama` (σ = 1) the logits start
+√C times larger than with its own head; `scaled_embed` suits tied embeddings.
 
 Schemes (a knob set explicitly overrides the scheme's value):
     gpt2          σ = 0.02 everywhere, residual σ/√(2L). Radford et al. 2019 (GPT-2, §2.3), nanoGPT's
