@@ -1,14 +1,18 @@
-"""`mea-init-audit`: which initialisation scheme handicaps no attention variant, as one resumable command.
+"""`mea-init-audit`: which initialisation handicaps no attention variant, as one resumable command.
 
-    mea-init-audit sweeps/init_audit.yaml      # the sweep, a seed check, docs/results/init_audit.md
+    mea-init-audit sweeps/init_audit.yaml                # the sweep, a seed check, docs/results/init_audit.md
+    mea-init-audit sweeps/init_audit.yaml --report-only  # the report from the runs finished so far
+    mea-init-audit sweeps/init_audit.yaml --size d64     # one size's sweep (sizes side by side), the seeds, a report
 
-The spec is a sweep spec (`mea-sweep`) whose arms cross attention variants with `model.init.scheme`; each run's
-variant and scheme are read from its own config. Then every arm is trained again at its best LR of the smallest
-size with other seeds (`--seeds`), evaluating every tenth of the run: the spread between seeds is the noise the
-comparison is read against, and those runs' training dynamics are drawn. A scheme passes when, at every size,
-no variant's best loss under it is worse than under the scheme that suits that variant best by more than
+The spec is a sweep spec (`mea-sweep`) whose arms cross attention variants with init settings (`model.init.*`);
+each run's variant and init are read from its own config. A setting that changes nothing in a variant (a
+head-norm scale where there is no head norm) needs no runs of its own: the variant's runs under the setting it
+equals stand for it. Then arms are trained again at their best LR of the smallest size with other seeds
+(`--seeds`, `--seed-arms`), evaluating every tenth of the run: the spread between seeds is the noise the
+comparison is read against, and those runs' training dynamics are drawn. A setting passes when, at every size,
+no variant's best loss under it is worse than under the setting that suits that variant best by more than
 2·√2 seed standard deviations (two single-seed values); so `mha` loses nothing measurable against the reference
-scheme (the default before the audit) under a passing one either. Every number of the report is read from
+setting (the default before the audit) under a passing one either. Every number of the report is read from
 the runs.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ import math
 import platform
 import sys
 import time
+from dataclasses import fields
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -27,70 +33,97 @@ from omegaconf import OmegaConf
 from mea.compare import DYNAMICS_NOTE, plot_dynamics
 from mea.config import load_config
 from mea.experiment import train
-from mea.models import LM
+from mea.models import LM, variant_class
+from mea.models.attention.base import HeadNorm, HeadShape
+from mea.models.dynamics import measure
+from mea.models.init import InitConfig
 from mea.plotting import plt, save_figure
 from mea.runs import read_run
-from mea.scaling.sweep import SweepError, SweepSpec, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
-from mea.models.dynamics import measure
+from mea.scaling.sweep import SweepError, SweepSpec, collect, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
 
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def audit_rows(results: Path) -> list[dict]:
-    """results.csv's trained runs, each with the variant and init scheme read from its config."""
-    rows = []
+@cache
+def has_head_norm(variant: str) -> bool:
+    with torch.device("meta"):
+        return any(isinstance(m, HeadNorm) for m in variant_class(variant)(variant_class(variant).Config(), HeadShape(64, 4, 4), 0).modules())
+
+
+def init_label(init: InitConfig, head_norm: bool = True) -> str:
+    """The scheme and each knob set away from its default; the head-norm scale only for a variant with a head norm,
+    whose model it alone changes (elsewhere two settings that differ only there train the same model)."""
+    knobs = [f"{f.name}={getattr(init, f.name)}" for f in fields(InitConfig)
+             if f.name != "scheme" and getattr(init, f.name) != f.default and (head_norm or f.name != "head_norm_scale")]
+    return ", ".join([init.scheme, *knobs])
+
+
+def audit_rows(results: Path) -> tuple[list[dict], dict[str, InitConfig]]:
+    """results.csv's trained runs, each with its variant and the init its model had (read from its config); and
+    the init settings the spec asked for, by label."""
+    rows, settings = [], {}
     for r in trained(read_results(results)):
         cfg = load_config(Path(r["run_dir"]) / "config.yaml")
-        rows.append({**r, "attention": cfg.attention.name, "scheme": cfg.model.init.scheme, "lr": float(r["lr"]), "loss": float(r["final_val_loss"])})
-    return rows
+        settings[init_label(cfg.model.init)] = cfg.model.init
+        rows.append({**r, "attention": cfg.attention.name, "init": init_label(cfg.model.init, has_head_norm(cfg.attention.name)),
+                     "lr": float(r["lr"]), "loss": float(r["final_val_loss"])})
+    return rows, dict(sorted(settings.items()))
 
 
-def best_cells(rows: list[dict], seed: int) -> dict[tuple[str, str, str], dict]:
-    """(size, variant, scheme) -> the run of lowest validation loss over the LR grid, for one seed."""
-    best: dict[tuple[str, str, str], dict] = {}
+def best_cells(rows: list[dict], settings: dict[str, InitConfig], seed: int = 0) -> dict[tuple[str, str, str], dict]:
+    """(size, variant, setting) -> the run of lowest validation loss over the LR grid for one seed, under the init
+    that setting gives the variant (a setting that changes nothing in it shares the run of the one it equals)."""
+    best: dict[tuple[str, str], dict] = {}
     for r in rows:
-        key = (r["size"], r["attention"], r["scheme"])
+        key = (r["size"], r["attention"], r["init"])
         if int(r["seed"]) == seed and (key not in best or r["loss"] < best[key]["loss"]):
             best[key] = r
-    return best
+    return {(size, variant, label): best[size, variant, init_label(init, has_head_norm(variant))]
+            for size, variant, _ in best for label, init in settings.items() if (size, variant, init_label(init, has_head_norm(variant))) in best}
 
 
-def seed_runs(spec: SweepSpec, rows: list[dict], seeds: list[int], out: Path) -> dict[str, list[Path]]:
-    """Each arm again at its best LR of the smallest size, with other seeds; arm -> run directories (seed 0's first)."""
+def seed_runs(spec: SweepSpec, rows: list[dict], seeds: list[int], out: Path, arms: list[str] | None, train_missing: bool) -> dict[str, list[Path]]:
+    """Arms again at their best LR of the smallest size, with other seeds; arm -> run directories (seed 0's first).
+    train_missing=False uses only the seed runs already finished."""
     size = spec.sizes[0]
     runs: dict[str, list[Path]] = {}
     for arm, arm_overrides in spec.arm_overrides().items():
         mine = [r for r in rows if r["size"] == size.label and r["variant"] == arm and int(r["seed"]) == 0]
-        if not mine:
-            continue  # every run of the arm diverged
+        if not mine or (arms and arm not in arms):  # diverged throughout, or not asked for
+            continue
         best = min(mine, key=lambda r: r["loss"])
         shared = [o for o in shared_overrides(spec, size, arm, arm_overrides) if not o.startswith("trainer.eval_every=")]
         steps = compose_run(shared).trainer.max_steps
         runs[arm] = [Path(best["run_dir"])]
         for seed in seeds:
             run_dir = out / "seeds" / size.label / arm / f"s{seed}"
-            train(run_dir, [*shared, f"optim.lr={best['lr']}", f"trainer.seed={seed}", f"trainer.eval_every={max(1, steps // 10)}"])
-            runs[arm].append(run_dir)
+            if train_missing:
+                train(run_dir, [*shared, f"optim.lr={best['lr']}", f"trainer.seed={seed}", f"trainer.eval_every={max(1, steps // 10)}"])
+            if (run_dir / "summary.json").is_file():
+                runs[arm].append(run_dir)
     return runs
 
 
-def seed_noise(runs: dict[str, list[Path]]) -> float:
-    """Pooled standard deviation of the final validation loss between seeds of the same arm and LR."""
-    variances = [np.var([read_run(p).summary["final_val_loss"] for p in dirs], ddof=1) for dirs in runs.values() if len(dirs) > 1]
-    return float(math.sqrt(np.mean(variances))) if variances else math.nan
+def seed_noise(runs: dict[str, list[Path]]) -> tuple[float, int]:
+    """Pooled standard deviation of the final validation loss between seeds of one arm at one LR, and its degrees of freedom."""
+    groups = [[read_run(p).summary["final_val_loss"] for p in dirs] for dirs in runs.values() if len(dirs) > 1]
+    if not groups:
+        return math.nan, 0
+    dof = sum(len(g) - 1 for g in groups)
+    return float(math.sqrt(sum(np.var(g, ddof=1) * (len(g) - 1) for g in groups) / dof)), dof
 
 
 def verdicts(best: dict, tolerance: float) -> dict[str, list[str]]:
-    """scheme -> the variants it handicaps beyond the tolerance, against each one's best scheme (empty: it passes).
-    That covers the baseline losing against the reference scheme too: the reference is one of the schemes."""
-    schemes = sorted({s for _, _, s in best})
-    out: dict[str, list[str]] = {s: [] for s in schemes}
+    """setting -> the variants it handicaps beyond the tolerance, against each one's best setting (empty: it passes).
+    That covers the baseline losing against the reference setting too: the reference is one of the settings."""
+    settings = sorted({s for _, _, s in best})
+    out: dict[str, list[str]] = {s: [] for s in settings}
     for size, variant in sorted({(z, v) for z, v, _ in best}):
-        losses = {s: best[size, variant, s]["loss"] for s in schemes if (size, variant, s) in best}
+        losses = {s: best[size, variant, s]["loss"] for s in settings if (size, variant, s) in best}
         top = min(losses.values())
         for s, loss in losses.items():
             if loss - top > tolerance:
-                out[s].append(f"{variant} at {size} is {loss - top:+.3f} above its best scheme")
+                out[s].append(f"{variant} at {size} is {loss - top:+.3f} above its best setting")
     return out
 
 
@@ -110,67 +143,72 @@ def initial_ratios(spec: SweepSpec) -> list[str]:
 
 
 def plot_lr_curves(rows: list[dict], sizes: list[str], out: Path) -> Path:
-    schemes = sorted({r["scheme"] for r in rows})
+    inits = sorted({r["init"] for r in rows})
     variants = sorted({r["attention"] for r in rows})
     colors = dict(zip(variants, plt.cm.tab10.colors))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for variant in variants:
-            for k, scheme in enumerate(schemes):
-                pts = sorted((r["lr"], r["loss"]) for r in rows if r["size"] == size and r["attention"] == variant and r["scheme"] == scheme and int(r["seed"]) == 0)
+            for k, init in enumerate(inits):
+                pts = sorted((r["lr"], r["loss"]) for r in rows if r["size"] == size and r["attention"] == variant and r["init"] == init and int(r["seed"]) == 0)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", ls=LINESTYLES[k % len(LINESTYLES)], color=colors[variant], label=f"{variant}, {scheme}")
-        ax.set(xscale="log", xlabel="learning rate", ylabel="final validation loss", title=f"{size}: {' / '.join(f'{s} {LINESTYLES[k]}' for k, s in enumerate(schemes))}")
-        ax.legend(fontsize=6, ncol=2)
+                    ax.plot(*zip(*pts), marker="o", ls=LINESTYLES[k % len(LINESTYLES)], color=colors[variant], label=f"{variant}, {init}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="final validation loss", title=f"{size}: final validation loss against LR")
+        ax.legend(fontsize=6)
     return save_figure(fig, out / "lr_curves")
 
 
-def write_report(spec: SweepSpec, rows: list[dict], runs: dict[str, list[Path]], reference: str, seeds: list[int], path: Path, started: float) -> Path:
+def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConfig], runs: dict[str, list[Path]], reference: str, path: Path, started: float) -> Path:
     assets = path.with_suffix("")
     assets.mkdir(parents=True, exist_ok=True)
-    best = best_cells(rows, seed=0)
-    sigma = seed_noise(runs)
-    tolerance = 2 * math.sqrt(2) * sigma
+    best = best_cells(rows, settings)
+    sigma, dof = seed_noise(runs)
+    tolerance = 2 * math.sqrt(2) * sigma if dof else math.inf  # no noise measured yet: nothing is judged
     verdict = verdicts(best, tolerance)
-    schemes = sorted({s for _, _, s in best})
     variants = sorted({v for _, v, _ in best})
     sizes = [s.label for s in spec.sizes]
     grid = lr_grid(spec)
-    passing = [s for s in schemes if not verdict[s]]
-    mean_best = {s: np.mean([best[k]["loss"] for k in best if k[2] == s]) for s in schemes}
+    missing = [f"{size}/{variant}/{label}" for size in sizes for variant in variants for label in settings if (size, variant, label) not in best]
+    passing = [s for s in settings if dof and not verdict[s] and not any(m.endswith("/" + s) for m in missing)]
+    mean_best = {s: np.mean([best[k]["loss"] for k in best if k[2] == s]) for s in settings}
+    seeds = sorted({int(read_run(p).config.trainer.seed) for dirs in runs.values() for p in dirs[1:]})
     lines = ["# Init audit: a fair start for every variant", "",
              f"Made by `mea-init-audit {spec.name}` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, torch {torch.__version__} · "
              f"{len(rows)} sweep runs and {sum(len(d) - 1 for d in runs.values())} seed runs · wall time of this sitting {(time.perf_counter() - started) / 60:.1f} min.", "",
-             f"Every variant × scheme {len(schemes)} × LR grid {', '.join(f'{lr:g}' for lr in grid)} × sizes {', '.join(sizes)}, "
-             f"{spec.sizes[0].tokens:,} tokens a run; validation loss at the end. Seed noise: the arms again at their best LR of {sizes[0]} "
-             f"with seeds {', '.join(map(str, seeds))}.", "",
+             f"Each variant under each init setting, LR grid {', '.join(f'{lr:g}' for lr in grid)}, sizes {', '.join(sizes)}, "
+             f"{spec.sizes[0].tokens:,} tokens a run; validation loss at the end. Seed noise: arms again at their best LR of {sizes[0]} "
+             f"with seeds {', '.join(map(str, seeds)) or '(none yet)'}.", "",
              "## Verdict", "",
-             f"Seed noise: σ = {sigma:.4f} (pooled over {len(runs)} arms); the tolerance for two single-seed values is 2·√2·σ = {tolerance:.4f}.", ""]
-    for s in schemes:
-        lines.append(f"- **{s}**: " + ("passes — no variant is handicapped beyond noise." if not verdict[s] else "fails — " + "; ".join(verdict[s]) + "."))
+             f"Seed noise: σ = {sigma:.4f} (pooled, {dof} degrees of freedom from {len([d for d in runs.values() if len(d) > 1])} arms); "
+             f"the tolerance for two single-seed values is 2·√2·σ = {tolerance:.4f}.", ""]
+    for s in settings:
+        unmeasured = [m for m in missing if m.endswith("/" + s)]
+        state = "not judged: no seed noise measured yet" if not dof else "passes — no variant is handicapped beyond noise" if not verdict[s] else "fails — " + "; ".join(verdict[s])
+        lines.append(f"- **{s}**: {state}" + (f" (not yet measured: {', '.join(m.rsplit('/', 1)[0] for m in unmeasured)})" if unmeasured else "") + ".")
     if passing:
         chosen = min(passing, key=lambda s: mean_best[s])
-        lines += ["", f"Passing, with the lowest mean best loss over variants and sizes: **{chosen}** ({mean_best[chosen]:.4f}; "
-                  + ", ".join(f"{s} {mean_best[s]:.4f}" for s in schemes if s != chosen) + ")."]
+        lines += ["", f"Passing at every size, with the lowest mean best loss over variants and sizes: **{chosen}** ({mean_best[chosen]:.4f}; "
+                  + ", ".join(f"{s} {mean_best[s]:.4f}" for s in settings if s != chosen) + ")."]
     else:
-        lines += ["", "No scheme meets the criterion at every size."]
+        lines += ["", "No setting meets the criterion at every size."]
     for size in sizes:
         lines += ["", f"## {size}: best validation loss over the LR grid (seed 0)", "",
-                  "| variant | " + " | ".join(schemes) + " | best scheme − " + reference + " |", "|---|" + "---|" * (len(schemes) + 1)]
+                  "| variant | " + " | ".join(settings) + f" | best − {reference} |", "|---|" + "---|" * (len(settings) + 1)]
         for variant in variants:
-            cells = {s: best.get((size, variant, s)) for s in schemes}
+            cells = {s: best.get((size, variant, s)) for s in settings}
             top = min((c["loss"] for c in cells.values() if c), default=math.nan)
             shown = []
             for s, c in cells.items():
                 if c is None:
-                    shown.append("all diverged")
+                    shown.append("–")
                     continue
-                edge = " (edge)" if c["lr"] in (grid[0], grid[-1]) else ""
-                shown.append(("**" if c["loss"] == top else "") + f"{c['loss']:.4f} @ {c['lr']:g}{edge}" + ("**" if c["loss"] == top else ""))
+                text = f"{c['loss']:.4f} @ {c['lr']:g}" + (" (edge)" if c["lr"] in (grid[0], grid[-1]) else "")
+                text = f"**{text}**" if c["loss"] == top else text
+                shown.append(text + (f" (= {c['init']})" if c["init"] != s else ""))
             ref = cells.get(reference)
-            gain = f"{top - ref['loss']:+.4f}" if ref else "–"
-            lines.append(f"| {variant} | " + " | ".join(shown) + f" | {gain} |")
-    lines += ["", "(edge): the best LR is at the end of the grid, so the best loss may be lower still; bold: the variant's best scheme.", "",
+            lines.append(f"| {variant} | " + " | ".join(shown) + f" | {top - ref['loss']:+.4f} |" if ref else f"| {variant} | " + " | ".join(shown) + " | – |")
+    lines += ["", "(edge): the best LR is at the end of the grid, so the best loss may be lower still; bold: the variant's best setting; "
+              "(= …): the setting changes nothing in this variant, whose run under the setting named is shown; –: not measured yet.", "",
               f"![LR curves]({assets.name}/{plot_lr_curves(rows, sizes, assets).name})", "",
               "## At initialisation", "", "The mechanism the audit tests: how much the attention branch writes into the residual stream before any step "
               "(mea/models/dynamics.py, one batch of random tokens, seed 0).", ""] + initial_ratios(spec)
@@ -184,18 +222,21 @@ def write_report(spec: SweepSpec, rows: list[dict], runs: dict[str, list[Path]],
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mea-init-audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", type=Path, help="a sweep spec whose arms cross variants with model.init.scheme")
+    parser.add_argument("spec", type=Path, help="a sweep spec whose arms cross variants with init settings (model.init.*)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="extra seeds at the smallest size, each arm at its best LR")
-    parser.add_argument("--reference", default="gpt2", help="the scheme the default was before the audit")
+    parser.add_argument("--seed-arms", nargs="+", help="the arms that get the extra seeds (default: every arm)")
+    parser.add_argument("--reference", default="gpt2", help="the setting the default was before the audit")
     parser.add_argument("--report", type=Path, default=Path("docs/results/init_audit.md"))
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the report from the runs finished so far")
+    parser.add_argument("--size", action="append", help="train only this size of the spec (repeatable), as mea-sweep --size")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
         spec = load_spec(args.spec)
-        results = run_sweep(spec)
-        rows = audit_rows(results)
-        runs = seed_runs(spec, rows, args.seeds, Path(spec.out))
-        path = write_report(spec, rows, runs, args.reference, args.seeds, args.report, started)
+        results = collect(Path(spec.out)) if args.report_only else run_sweep(spec, only_sizes=args.size)
+        rows, settings = audit_rows(results)
+        runs = seed_runs(spec, rows, args.seeds, Path(spec.out), args.seed_arms, train_missing=not args.report_only)
+        path = write_report(spec, rows, settings, runs, args.reference, args.report, started)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

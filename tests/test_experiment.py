@@ -126,5 +126,5 @@ def test_a_scheme_passes_the_audit_only_when_it_handicaps_no_variant_beyond_nois
 
     best = {("d64", "mha", "gpt2"): {"loss": 3.70}, ("d64", "mha", "llama"): {"loss": 3.72},
             ("d64", "mea", "gpt2"): {"loss": 4.30}, ("d64", "mea", "llama"): {"loss": 3.69}}
-    assert verdicts(best, tolerance=0.05) == {"gpt2": ["mea at d64 is +0.610 above its best scheme"], "llama": []}
-    assert verdicts(best, tolerance=0.01)["llama"] == ["mha at d64 is +0.020 above its best scheme"]
+    assert verdicts(best, tolerance=0.05) == {"gpt2": ["mea at d64 is +0.610 above its best setting"], "llama": []}
+    assert verdicts(best, tolerance=0.01)["llama"] == ["mha at d64 is +0.020 above its best setting"]

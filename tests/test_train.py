@@ -48,6 +48,8 @@ def test_every_variant_learns_real_text(variant, tmp_path, shakespeare):
         ("scheduler.name=linear", "scheduler.name='linear' is not allowed; choose one of: cosine, wsd, constant"),
         ("trainer.global_batch=10", "trainer.global_batch=10 is not a multiple of trainer.micro_batch=4"),
         ("data.vocab_size=200", "data.vocab_size=200 cannot hold the 256 byte tokens"),
+        ("model.init.scheme=xavier", "model.init.scheme='xavier' is not a known scheme; choose one of: gpt2, llama, scaled_embed"),
+        ("model.init.embed_std=-1", "model.init.embed_std=-1.0 must be positive (or null for the scheme's value)"),
     ],
 )
 def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp_path):
