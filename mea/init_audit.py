@@ -51,11 +51,11 @@ def has_head_norm(variant: str) -> bool:
 
 
 def init_label(init: InitConfig, head_norm: bool = True) -> str:
-    """The scheme and each knob set away from its default; the head-norm scale only for a variant with a head norm,
-    whose model it alone changes (elsewhere two settings that differ only there train the same model)."""
+    """The scheme, each knob set away from its default, and the head-norm scale always, but only for a variant with
+    a head norm, whose model it alone changes (elsewhere two settings that differ only there train the same model)."""
     knobs = [f"{f.name}={getattr(init, f.name)}" for f in fields(InitConfig)
-             if f.name != "scheme" and getattr(init, f.name) != f.default and (head_norm or f.name != "head_norm_scale")]
-    return ", ".join([init.scheme, *knobs])
+             if f.name not in ("scheme", "head_norm_scale") and getattr(init, f.name) != f.default]
+    return ", ".join([init.scheme, *knobs, *([f"head_norm_scale={init.head_norm_scale:g}"] if head_norm else [])])
 
 
 def audit_rows(results: Path) -> tuple[list[dict], dict[str, InitConfig]]:
@@ -71,13 +71,15 @@ def audit_rows(results: Path) -> tuple[list[dict], dict[str, InitConfig]]:
 
 
 def best_cells(rows: list[dict], settings: dict[str, InitConfig], seed: int = 0) -> dict[tuple[str, str, str], dict]:
-    """(size, variant, setting) -> the run of lowest validation loss over the LR grid for one seed, under the init
-    that setting gives the variant (a setting that changes nothing in it shares the run of the one it equals)."""
-    best: dict[tuple[str, str], dict] = {}
+    """(size, variant, setting) -> the run of lowest validation loss over the LR grid for one seed, with `lrs`, the
+    LRs measured, under the init that setting gives the variant (a setting that changes nothing in it shares the
+    runs of the one it equals)."""
+    best: dict[tuple[str, str, str], dict] = {}
     for r in rows:
         key = (r["size"], r["attention"], r["init"])
-        if int(r["seed"]) == seed and (key not in best or r["loss"] < best[key]["loss"]):
-            best[key] = r
+        if int(r["seed"]) == seed:
+            lrs = best.get(key, {}).get("lrs", 0) + 1
+            best[key] = {**min(best.get(key, r), r, key=lambda x: x["loss"]), "lrs": lrs}
     return {(size, variant, label): best[size, variant, init_label(init, has_head_norm(variant))]
             for size, variant, _ in best for label, init in settings.items() if (size, variant, init_label(init, has_head_norm(variant))) in best}
 
@@ -168,7 +170,8 @@ def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConf
     variants = sorted({v for _, v, _ in best})
     sizes = [s.label for s in spec.sizes]
     grid = lr_grid(spec)
-    missing = [f"{size}/{variant}/{label}" for size in sizes for variant in variants for label in settings if (size, variant, label) not in best]
+    missing = [f"{size}/{variant}/{label}" for size in sizes for variant in variants for label in settings
+               if (size, variant, label) not in best or best[size, variant, label]["lrs"] < len(grid)]
     passing = [s for s in settings if dof and not verdict[s] and not any(m.endswith("/" + s) for m in missing)]
     mean_best = {s: np.mean([best[k]["loss"] for k in best if k[2] == s]) for s in settings}
     seeds = sorted({int(read_run(p).config.trainer.seed) for dirs in runs.values() for p in dirs[1:]})
@@ -184,7 +187,7 @@ def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConf
     for s in settings:
         unmeasured = [m for m in missing if m.endswith("/" + s)]
         state = "not judged: no seed noise measured yet" if not dof else "passes — no variant is handicapped beyond noise" if not verdict[s] else "fails — " + "; ".join(verdict[s])
-        lines.append(f"- **{s}**: {state}" + (f" (not yet measured: {', '.join(m.rsplit('/', 1)[0] for m in unmeasured)})" if unmeasured else "") + ".")
+        lines.append(f"- **{s}**: {state}" + (f" (not yet measured on the whole grid: {', '.join(m.rsplit('/', 1)[0] for m in unmeasured)})" if unmeasured else "") + ".")
     if passing:
         chosen = min(passing, key=lambda s: mean_best[s])
         lines += ["", f"Passing at every size, with the lowest mean best loss over variants and sizes: **{chosen}** ({mean_best[chosen]:.4f}; "
@@ -202,13 +205,14 @@ def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConf
                 if c is None:
                     shown.append("–")
                     continue
-                text = f"{c['loss']:.4f} @ {c['lr']:g}" + (" (edge)" if c["lr"] in (grid[0], grid[-1]) else "")
+                text = f"{c['loss']:.4f} @ {c['lr']:g}" + (" (edge)" if c["lr"] in (grid[0], grid[-1]) else "") + (f" ({c['lrs']} of {len(grid)} LRs)" if c["lrs"] < len(grid) else "")
                 text = f"**{text}**" if c["loss"] == top else text
                 shown.append(text + (f" (= {c['init']})" if c["init"] != s else ""))
             ref = cells.get(reference)
             lines.append(f"| {variant} | " + " | ".join(shown) + f" | {top - ref['loss']:+.4f} |" if ref else f"| {variant} | " + " | ".join(shown) + " | – |")
     lines += ["", "(edge): the best LR is at the end of the grid, so the best loss may be lower still; bold: the variant's best setting; "
-              "(= …): the setting changes nothing in this variant, whose run under the setting named is shown; –: not measured yet.", "",
+              "(= …): the setting changes nothing in this variant, whose run under the setting named is shown; (k of n LRs): only part of the "
+              "grid is measured yet, so the best loss may be lower; –: not measured yet.", "",
               f"![LR curves]({assets.name}/{plot_lr_curves(rows, sizes, assets).name})", "",
               "## At initialisation", "", "The mechanism the audit tests: how much the attention branch writes into the residual stream before any step "
               "(mea/models/dynamics.py, one batch of random tokens, seed 0).", ""] + initial_ratios(spec)
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("spec", type=Path, help="a sweep spec whose arms cross variants with init settings (model.init.*)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="extra seeds at the smallest size, each arm at its best LR")
     parser.add_argument("--seed-arms", nargs="+", help="the arms that get the extra seeds (default: every arm)")
-    parser.add_argument("--reference", default="gpt2", help="the setting the default was before the audit")
+    parser.add_argument("--reference", default="gpt2, head_norm_scale=1", help="the setting the default was before the audit")
     parser.add_argument("--report", type=Path, default=Path("docs/results/init_audit.md"))
     parser.add_argument("--report-only", action="store_true", help="train nothing: the report from the runs finished so far")
     parser.add_argument("--size", action="append", help="train only this size of the spec (repeatable), as mea-sweep --size")

@@ -113,7 +113,7 @@ def test_init_audit_reads_every_number_from_its_runs(tmp_path):
         variances.append((seed0 - seed1) ** 2 / 2)
     sigma = float(re.search(r"Seed noise: σ = ([\d.]+)", text).group(1))
     assert abs(sigma - (sum(variances) / 3) ** 0.5) < 1e-4
-    assert re.search(r"^- \*\*gpt2\*\*: (passes|fails)", text, re.M) and re.search(r"^- \*\*llama\*\*: (passes|fails)", text, re.M)
+    assert re.search(r"^- \*\*gpt2, head_norm_scale=0.05\*\*: (passes|fails)", text, re.M) and re.search(r"^- \*\*llama, head_norm_scale=0.05\*\*: (passes|fails)", text, re.M)
     seed_rows = [json.loads(line) for line in (tmp_path / "runs" / "seeds" / "w32" / "mea-llama" / "s1" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in seed_rows if "dyn/hlc_k_offdiag/L1" in r]) >= 5 and "## Training dynamics at w32" in text
     assert "| w32 | mea-llama | " in text  # the branch ratios at initialisation

@@ -105,8 +105,12 @@ def test_under_the_default_no_attention_branch_dominates_the_stream_at_initialis
     assert max(ratios) < 1 and math.prod(1 + r * r for r in ratios) <= 2, ratios
 
 
-def test_the_gpt2_scheme_lets_head_norm_branches_swamp_the_stream():
-    """The mechanism behind the bound, measured: under gpt2 the normalised heads dominate layer 0."""
-    torch.manual_seed(0)
-    model = LM(ModelConfig(vocab_size=2048, init=InitConfig(scheme="gpt2")), variant_class("mea").Config())
-    assert measure(model, torch.randint(0, 2048, (4, 128)))["dyn/attn_ratio/L0"] > 2
+def test_head_norms_started_at_one_swamp_the_stream():
+    """The mechanism behind the bound, measured: the earlier default (gpt2, γ = 1) lets the normalised heads
+    dominate layer 0, and γ = 0.05 brings them to the scale of mha's un-normalised heads."""
+    ratio = {}
+    for variant, gamma in (("mea", 1.0), ("mea", 0.05), ("mha", 1.0)):
+        torch.manual_seed(0)
+        model = LM(ModelConfig(vocab_size=2048, init=InitConfig(scheme="gpt2", head_norm_scale=gamma)), variant_class(variant).Config())
+        ratio[variant, gamma] = measure(model, torch.randint(0, 2048, (4, 128)))["dyn/attn_ratio/L0"]
+    assert ratio["mea", 1.0] > 2 and 0.5 < ratio["mea", 0.05] / ratio["mha", 1.0] < 2
