@@ -177,7 +177,9 @@ def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConf
     seeds = sorted({int(read_run(p).config.trainer.seed) for dirs in runs.values() for p in dirs[1:]})
     lines = ["# Init audit: a fair start for every variant", "",
              f"Made by `mea-init-audit {spec.name}` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, torch {torch.__version__} · "
-             f"{len(rows)} sweep runs and {sum(len(d) - 1 for d in runs.values())} seed runs · wall time of this sitting {(time.perf_counter() - started) / 60:.1f} min.", "",
+             f"{len(rows)} sweep runs and {sum(len(d) - 1 for d in runs.values())} seed runs, "
+             f"{(sum(float(r['wall_time_s']) for r in rows) + sum(read_run(p).summary['wall_time_s'] for d in runs.values() for p in d[1:])) / 3600:.1f} h of training "
+             f"(two runs side by side on 2 cores) · this sitting {(time.perf_counter() - started) / 60:.1f} min.", "",
              f"Each variant under each init setting, LR grid {', '.join(f'{lr:g}' for lr in grid)}, sizes {', '.join(sizes)}, "
              f"{spec.sizes[0].tokens:,} tokens a run; validation loss at the end. Seed noise: arms again at their best LR of {sizes[0]} "
              f"with seeds {', '.join(map(str, seeds)) or '(none yet)'}.", "",

@@ -5,14 +5,18 @@ Parameter families, each drawn from N(0, σ):
     hidden       the input projections of attention (W_QKV) and MLP (W_1, W_3)
     residual     the output projections that write into the residual stream (W_O, W_2)
     head         the LM head (untied)
-    head norm    the scale γ of a variant's per-head norm (`mha_gn`, `mea`, `diff`), a constant
+    head norm    the scale γ of a variant's per-head norm (`mha_gn`, `mea`, `diff`), a constant: `head_norm_scale`,
+                 0.05 in every scheme unless set. A normalised head has unit RMS where an un-normalised head's
+                 output (a weighted mean of value vectors) is far smaller: at γ = 1 the head-norm variants start
+                 by writing several times the residual stream into it (under gpt2, about 4× in the first layer at
+                 width 128), at γ = 0.05 at the scale `mha` does. docs/results/init_audit.md measured the choice.
 A variant's own parameters (HLC, talking-heads mixing, DIFF's λ) keep the init its module documents. With
 tied embeddings the head is the embedding and keeps the embedding's σ: under `llama` (σ = 1) the logits start
 √C times larger than with its own head; `scaled_embed` suits tied embeddings.
 
 Schemes (a knob set explicitly overrides the scheme's value):
     gpt2          σ = 0.02 everywhere, residual σ/√(2L). Radford et al. 2019 (GPT-2, §2.3), nanoGPT's
-                  `_init_weights`. The residual stream starts at 0.02 per channel.
+                  `_init_weights`. The residual stream starts at 0.02 per channel. The default.
     llama         embeddings N(0, 1); hidden 0.02; residual 0.02/√(2(l+1)) in layer l = 0 … L−1 (torchtitan's
                   `depth_init`), the MLP's up projection W_3 too; head N(0, 1/√C) cut at ±3σ. torchtitan
                   `models/llama3/model.py`, `init_weights`. The residual stream starts at unit scale.
@@ -38,7 +42,7 @@ class InitConfig:
     residual_scaling: str | None = None  # depth: σ/√(2L) | layer: σ/√(2(l+1)) | none: σ
     residual_std: float | None = None  # σ of the residual outputs before the scaling; None = std
     head_std: float | None = None
-    head_norm_scale: float = 1.0  # initial γ of every per-head norm
+    head_norm_scale: float = 0.05  # initial γ of every per-head norm (the init audit's choice; 1 before it)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
