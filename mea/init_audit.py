@@ -39,9 +39,9 @@ from mea.models.dynamics import measure
 from mea.models.init import InitConfig
 from mea.plotting import plt, save_figure
 from mea.runs import read_run
+from mea.scaling.plots import LINESTYLES
 from mea.scaling.sweep import SweepError, SweepSpec, collect, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
 
-LINESTYLES = ("-", "--", ":", "-.")
 
 
 @cache
