@@ -52,12 +52,18 @@ class Compression:
 
 
 @dataclass
+class SecondCorpus:
+    data: list[str] = field(default_factory=list)  # overrides of the data config for the repeat; none: no repeat
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+
+
+@dataclass
 class Protocol:
     name: str
     sweep: SweepSpec
     target: Target
     compression: Compression = field(default_factory=Compression)
-    second_corpus: list[str] = field(default_factory=list)  # overrides of the data config for the repeat
+    second_corpus: SecondCorpus = field(default_factory=SecondCorpus)
     baseline: str = "mha"
     margin: float = 0.01
     stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find where each arm fails to train
@@ -210,12 +216,12 @@ def run(p: Protocol) -> Path:
     fit_main(["lr-law", str(results), "--out", str(fit_dir), "--target", f"{n_target:g}", "--lr-conf-dir", str(out / "lr"), "--margin", str(p.margin)])
     fit = json.loads((fit_dir / "fit.json").read_text())
     lrs = chosen_lrs(p, fit, results)
-    corpora = {"main": []} | ({"second": p.second_corpus} if p.second_corpus else {})
+    corpora = {"main": ([], p.target.seeds)} | ({"second": (p.second_corpus.data, p.second_corpus.seeds)} if p.second_corpus.data else {})
     comparisons = {}
-    for corpus, data in corpora.items():
+    for corpus, (data, seeds) in corpora.items():
         dirs = []
         for arm, chosen in lrs.items():
-            for seed in p.target.seeds:
+            for seed in seeds:
                 run_dir = out / f"compare-{corpus}" / arm / f"s{seed}"
                 train(run_dir, target_overrides(p, arm, chosen["lr"], seed, data))
                 dirs.append(run_dir)
