@@ -44,6 +44,9 @@ from mea.scaling.sweep import SweepError, SweepSpec, collect, compose_run, load_
 
 
 
+REFERENCE = "gpt2, head_norm_scale=1"  # the default init before the audit
+
+
 @cache
 def has_head_norm(variant: str) -> bool:
     with torch.device("meta"):
@@ -60,13 +63,17 @@ def init_label(init: InitConfig, head_norm: bool = True) -> str:
 
 def audit_rows(results: Path) -> tuple[list[dict], dict[str, InitConfig]]:
     """results.csv's trained runs, each with its variant and the init its model had (read from its config); and
-    the init settings the spec asked for, by label."""
-    rows, settings = [], {}
+    the init settings the runs stand for, by label. A run of a variant without a head norm names a setting only where
+    no head-norm run names one that differs from it in the head-norm scale alone: its config carries whatever scale
+    was the default when it ran, which its model never used."""
+    rows, settings, without_head_norm = [], {}, {}
     for r in trained(read_results(results)):
         cfg = load_config(Path(r["run_dir"]) / "config.yaml")
-        settings[init_label(cfg.model.init)] = cfg.model.init
-        rows.append({**r, "attention": cfg.attention.name, "init": init_label(cfg.model.init, has_head_norm(cfg.attention.name)),
-                     "lr": float(r["lr"]), "loss": float(r["final_val_loss"])})
+        head_norm = has_head_norm(cfg.attention.name)
+        (settings if head_norm else without_head_norm)[init_label(cfg.model.init)] = cfg.model.init
+        rows.append({**r, "attention": cfg.attention.name, "init": init_label(cfg.model.init, head_norm), "lr": float(r["lr"]), "loss": float(r["final_val_loss"])})
+    named = {init_label(init, False) for init in settings.values()}
+    settings |= {label: init for label, init in without_head_norm.items() if init_label(init, False) not in named}
     return rows, dict(sorted(settings.items()))
 
 
@@ -127,6 +134,29 @@ def verdicts(best: dict, tolerance: float) -> dict[str, list[str]]:
             if loss - top > tolerance:
                 out[s].append(f"{variant} at {size} is {loss - top:+.3f} above its best setting")
     return out
+
+
+def finding(spec: SweepSpec, reference: str) -> str:
+    """The audit's result in two sentences, read from its runs: what the reference setting cost the variants, and
+    the largest handicap left under the default."""
+    results = Path(spec.out) / "results.csv"
+    if not results.is_file():
+        return f"The init audit's runs ({spec.out}) are not on this machine; its report is docs/results/init_audit.md."
+    rows, settings = audit_rows(results)
+    best = best_cells(rows, settings)
+    seeds = sorted({int(run.name[1:]) for run in Path(spec.out).glob("seeds/*/*/s*")})
+    sigma, _ = seed_noise(seed_runs(spec, rows, seeds, Path(spec.out), None, train_missing=False))
+    top = {(size, variant): min(c["loss"] for (z, v, _), c in best.items() if (z, v) == (size, variant)) for size, variant, _ in best}
+    gap = lambda label: {(z, v): best[z, v, label]["loss"] - top[z, v] for z, v in top if (z, v, label) in best}  # noqa: E731
+    default = init_label(InitConfig())
+    costs, left = gap(reference), gap(default)
+    hurt = [d for (z, v), d in costs.items() if has_head_norm(v)]
+    if not hurt or not left:
+        return f"The init audit ({spec.out}) has no runs yet of {reference if not hurt else default} for a variant with a head norm; its report is docs/results/init_audit.md."
+    worst = max(left, key=left.get)
+    return (f"The init audit measured the earlier default ({reference}) costing the head-norm variants {min(hurt):+.3f} to {max(hurt):+.3f} nats of best "
+            f"validation loss against the init that suits each best, at {', '.join(s.label for s in spec.sizes)} after {spec.sizes[0].tokens:,} tokens. "
+            f"Under the new default ({default}) the largest handicap left is {worst[1]} at {worst[0]}, {left[worst]:+.3f}, against seed noise σ = {sigma:.3f}.")
 
 
 def initial_ratios(spec: SweepSpec) -> list[str]:
@@ -231,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("spec", type=Path, help="a sweep spec whose arms cross variants with init settings (model.init.*)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="extra seeds at the smallest size, each arm at its best LR")
     parser.add_argument("--seed-arms", nargs="+", help="the arms that get the extra seeds (default: every arm)")
-    parser.add_argument("--reference", default="gpt2, head_norm_scale=1", help="the setting the default was before the audit")
+    parser.add_argument("--reference", default=REFERENCE, help="the setting the default was before the audit")
     parser.add_argument("--report", type=Path, default=Path("docs/results/init_audit.md"))
     parser.add_argument("--report-only", action="store_true", help="train nothing: the report from the runs finished so far")
     parser.add_argument("--size", action="append", help="train only this size of the spec (repeatable), as mea-sweep --size")

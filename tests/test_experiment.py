@@ -3,7 +3,9 @@ import csv
 import json
 import re
 
+from mea.init_audit import finding
 from mea.runs import code_version
+from mea.scaling.sweep import load_spec
 
 from .conftest import run_cli
 
@@ -13,13 +15,15 @@ out: {out}/runs
 report: {out}/results/micro.md
 baseline: mha
 stability_lr_max: 1.0
+previous_report: docs/results/paper_small_2026-11-25.md
 sweep:
   arms:
     mha: [attention=mha]
     mea: [attention=mea]
-    diff_nonorm: [attention=diff, attention.norm=false]
+    mha_gqa: [attention=mha, model.n_kv_heads=2]
+    mea_virtual: [attention=mea, model.n_kv_heads=2]
   sizes:
-    - {{model: tiny, name: w32, tokens: 4096, overrides: [model.dim=32, model.n_heads=2]}}
+    - {{model: tiny, name: w32, tokens: 4096, overrides: [model.dim=32, model.n_heads=4]}}
     - {{model: tiny, name: w64, tokens: 4096, overrides: [model.dim=64, model.n_heads=4]}}
   lr_min: 1.0e-3
   lr_max: 1.0e-1
@@ -37,6 +41,10 @@ def test_bad_compression_settings_fail_before_any_run(tmp_path):
     proc = run_cli("-m", "mea.experiment", str(spec))
     assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr
     assert not (tmp_path / "runs").exists()
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("paper_small_2026-11-25.md", "paper_small_1999.md"))
+    proc = run_cli("-m", "mea.experiment", str(spec))
+    assert proc.returncode == 2 and "previous_report=docs/results/paper_small_1999.md does not exist; give an existing file or leave previous_report out" in proc.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
@@ -50,12 +58,20 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     for image in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (tmp_path / "results" / image).is_file(), image
     with open(tmp_path / "runs" / "sweep" / "results.csv") as f:
-        assert {r["variant"] for r in csv.DictReader(f)} == {"mha", "mea", "diff_nonorm"}
-    for arm in ("mha", "mea", "diff_nonorm"):  # the table's numbers are the runs' own
-        finals = [json.loads((tmp_path / "runs" / "compare-main" / arm / f"s{s}" / "summary.json").read_text())["final_val_loss"] for s in (0, 1)]
+        assert {r["variant"] for r in csv.DictReader(f)} == {"mha", "mea", "mha_gqa", "mea_virtual"}
+    finals = {arm: [json.loads((tmp_path / "runs" / "compare-main" / arm / f"s{s}" / "summary.json").read_text())["final_val_loss"] for s in (0, 1)]
+              for arm in ("mha", "mea", "mha_gqa", "mea_virtual")}
+    for arm, losses in finals.items():  # the table's numbers are the runs' own
         row = re.search(rf"\| {arm} \| 2 \| ([\d.]+) ± ", report)
-        assert row and abs(float(row.group(1)) - sum(finals) / 2) < 1e-4
+        assert row and abs(float(row.group(1)) - sum(losses) / 2) < 1e-4
     assert "**MEA reaches a lower validation loss than the Transformer.**" in report and "**MEA tolerates larger learning rates.**" in report
+    virtual = re.search(r"\*\*At half the KV cache, MEA's virtual heads beat grouped-query attention \(both trained from scratch\)\.\*\* Δ\(mea_virtual − mha_gqa\) = ([+-][\d.]+)", report)
+    assert virtual and abs(float(virtual.group(1)) - (sum(finals["mea_virtual"]) - sum(finals["mha_gqa"])) / 2) < 2e-4
+    for arm in ("mha_gqa", "mea_virtual"):  # trained with half the heads stored
+        assert "model.n_kv_heads=2" in (tmp_path / "runs" / "compare-main" / arm / "s0" / ".hydra" / "overrides.yaml").read_text()
+    changed = re.search(r"^\| mea \| \+0\.5826 \| ([+-][\d.]+) \|$", report, re.M)  # the first report's delta beside this one's
+    assert "## What changed since the first report" in report and "LR-sweep runs: 147 steps then, 16 now; from-scratch runs: 489 steps then, 16 now" in report and "| fall over the last fifth |" in report
+    assert changed and abs(float(changed.group(1)) - (sum(finals["mea"]) - sum(finals["mha"])) / 2) < 2e-4
     row = re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| ([\d.]+) \| ", report)
     recovery_curve = [json.loads(line) for line in (tmp_path / "runs" / "compression" / "kv2-all-recover" / "metrics.jsonl").read_text().splitlines()]
     assert abs(float(row.group(1)) - recovery_curve[-1]["val_loss"]) < 1e-3  # the recovery curve is read on mea-eval's windows
@@ -66,7 +82,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     assert changed.returncode == 2 and "was made with trainer.max_steps=" in changed.stderr and "now asks trainer.max_steps=" in changed.stderr
     with open(tmp_path / "runs" / "stability" / "results.csv") as f:  # the grid continued at the largest size: lr 1.0
         probe = {r["variant"]: r for r in csv.DictReader(f)}
-    assert set(probe) == {"mha", "mea", "diff_nonorm"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}
+    assert set(probe) == {"mha", "mea", "mha_gqa", "mea_virtual"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}
     cell = "diverged" if probe["mea"]["diverged"] == "True" else f"{float(probe['mea']['final_val_loss']):.3f}"
     assert re.search(rf"\| mea \| [^\n]* \| {cell}( ✗)? \|\n", report)
     assert re.search(r"\| uncompressed \(control: the same continued pretraining\) \| [\d.]+ \| [\d.]+ \| ", report)
@@ -82,7 +98,7 @@ name: audit
 arms:
   mha-gpt2: [attention=mha, model.init.scheme=gpt2]
   mha-llama: [attention=mha, model.init.scheme=llama]
-  mea-llama: [attention=mea, model.init.scheme=llama]
+  mea-llama: [attention=mea, model.init.scheme=llama, model.init.head_norm_scale=1.0]
 sizes:
   - {{model: tiny, name: w32, tokens: 4096, overrides: [model.dim=32, model.n_heads=2]}}
 lr_min: 1.0e-3
@@ -113,10 +129,16 @@ def test_init_audit_reads_every_number_from_its_runs(tmp_path):
         variances.append((seed0 - seed1) ** 2 / 2)
     sigma = float(re.search(r"Seed noise: σ = ([\d.]+)", text).group(1))
     assert abs(sigma - (sum(variances) / 3) ** 0.5) < 1e-4
-    assert re.search(r"^- \*\*gpt2, head_norm_scale=0.05\*\*: (passes|fails)", text, re.M) and re.search(r"^- \*\*llama, head_norm_scale=0.05\*\*: (passes|fails)", text, re.M)
+    assert re.search(r"^- \*\*gpt2, head_norm_scale=0.05\*\*: (passes|fails)", text, re.M) and re.search(r"^- \*\*llama, head_norm_scale=1\*\*: (passes|fails)", text, re.M)
+    # mha-llama's config carries the default head-norm scale, 0.05, which mha never uses: it names no setting of its own
+    assert "llama, head_norm_scale=0.05" not in text and "| variant | gpt2, head_norm_scale=0.05 | llama, head_norm_scale=1 | best − " in text
     seed_rows = [json.loads(line) for line in (tmp_path / "runs" / "seeds" / "w32" / "mea-llama" / "s1" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in seed_rows if "dyn/hlc_k_offdiag/L1" in r]) >= 5 and "## Training dynamics at w32" in text
     assert "| w32 | mea-llama | " in text  # the branch ratios at initialisation
+    mha = {arm: min(float(r["final_val_loss"]) for r in rows if r["variant"] == arm) for arm in ("mha-gpt2", "mha-llama")}
+    said = finding(load_spec(spec), "llama, head_norm_scale=1")  # the two sentences the experiment report opens "What changed" with
+    assert "costing the head-norm variants +0.000 to +0.000 nats" in said and f"against seed noise σ = {sigma:.3f}" in said
+    assert f"the largest handicap left is mha at w32, {mha['mha-gpt2'] - min(mha.values()):+.3f}" in said
     for image in re.findall(r"\]\(([^)]+\.png)\)", text):
         assert (tmp_path / image).is_file(), image
 
