@@ -50,6 +50,20 @@ def test_shards_round_trip_to_the_original_text(shakespeare, tmp_path):
     assert corpus.manifest["documents"]["train"] + corpus.manifest["documents"]["val"] == len(docs)
 
 
+def test_a_given_tokenizer_is_known_by_its_content_not_its_path(shakespeare, tmp_path):
+    trained = prepare(shakespeare_cfg(shakespeare, tmp_path))
+    copies = [tmp_path / name / "tokenizer.json" for name in ("exported", "converted")]
+    for copy in copies:
+        copy.parent.mkdir()
+        copy.write_bytes((trained.path / "tokenizer.json").read_bytes())
+    first, second = (prepare(shakespeare_cfg(shakespeare, tmp_path, tokenizer=str(c))) for c in copies)
+    assert first.path == second.path != trained.path  # every exported model's copy reuses one tokenised corpus
+    edited = json.loads(copies[1].read_text())
+    edited["added_tokens"] = edited["added_tokens"][:1]
+    copies[1].write_text(json.dumps(edited))
+    assert prepare(shakespeare_cfg(shakespeare, tmp_path, tokenizer=str(copies[1]))).path != first.path
+
+
 def test_split_is_by_document_and_fixed_by_the_seed(shakespeare, tmp_path):
     a = prepare(shakespeare_cfg(shakespeare, tmp_path))
     b = prepare(shakespeare_cfg(shakespeare, tmp_path, seed=7))

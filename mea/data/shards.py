@@ -70,8 +70,8 @@ def sha256(path: Path) -> str:
 
 def cache_key(cfg: DataConfig, docs: Documents) -> str:
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    if cfg.tokenizer != "bpe":
-        settings["tokenizer_sha256"] = sha256(Path(cfg.tokenizer).expanduser() / "tokenizer.json" if Path(cfg.tokenizer).is_dir() else Path(cfg.tokenizer))
+    if cfg.tokenizer != "bpe":  # by content: every exported model carries its own copy of one tokenizer
+        settings["tokenizer"] = sha256(Path(cfg.tokenizer).expanduser() / "tokenizer.json" if Path(cfg.tokenizer).is_dir() else Path(cfg.tokenizer))
     blob = json.dumps({"format": FORMAT, "settings": settings, "inputs": docs.fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -51,8 +51,11 @@ class Documents:
 
 def stdlib_files() -> list[Path]:
     """The running interpreter's own standard library sources, tests and bundled applications left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if not STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1]))
+    files = []
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIP]  # never descend into site-packages: a large venv costs seconds
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
+    return sorted(files)
 
 
 def stdlib_documents() -> Documents:
