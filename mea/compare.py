@@ -55,6 +55,13 @@ def tokens_to_reach(tokens: np.ndarray, loss: np.ndarray, target: float) -> floa
     return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
 
 
+def fall_over_last_fifth(run: Run) -> float:
+    """How much the validation loss fell over the last fifth of the run's tokens: near 0 once a run has flattened,
+    so a reader sees whether a final loss is a plateau or a snapshot of a curve still going down."""
+    tokens, loss = val_curve(run)
+    return float(np.interp(0.8 * tokens[-1], tokens, loss) - loss[-1]) if len(tokens) > 1 else math.nan
+
+
 def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
@@ -92,6 +99,7 @@ def table(groups: dict[str, list[Run]], baseline: str, beta: float) -> list[dict
             "tokens_to_baseline_ratio": float(np.mean(reach)) / base_tokens if all(math.isfinite(x) for x in reach) else math.nan,
             "tokens_per_s": float(np.median([r.summary["tokens_per_s"] for r in runs])),  # robust to one run slowed by a shared machine
             "delta_vs_baseline": float(finals.mean()) - base_final,
+            "fall_last_fifth": float(np.mean([fall_over_last_fifth(r) for r in runs])),
         })
     return rows
 
@@ -186,14 +194,18 @@ DYNAMICS_NOTE = ("Per layer, at eval steps (mea/models/dynamics.py): resid_rms, 
                  "distribution (nats, mean over heads). A line per arm, the band spans the seeds.")
 
 
+FALL_NOTE = ("Fall over the last fifth: validation loss at 80% of the run's tokens minus the final one, mean over seeds "
+             "(interpolated between eval steps; – : fewer than two evals). Near 0: the run had flattened; large: the final loss is a snapshot of a curve still falling.")
+
+
 def markdown(rows: list[dict], baseline: str, plots: list[Path], dynamics: list[Path], notes: list[str], runs: list[Run]) -> str:
     lines = ["# Comparison", ""]
     lines += [f"> **Warning:** {n}" for n in notes] + ([""] if notes else [])
-    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s (median) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | fall over the last fifth | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s (median) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {r['final_train_loss']:.4f} | "
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {fmt(r['fall_last_fifth'], '+.4f', '')} | {r['final_train_loss']:.4f} | "
                      f"{fmt(r['tokens_to_baseline_ratio'], '.2f')} | {r['tokens_per_s']:,.0f} |")
-    lines += ["", "Tokens to the baseline's final loss: the first point of each run's validation curve at or below the baseline's mean final validation loss, as a share of the baseline's tokens (– : not reached).", ""]
+    lines += ["", FALL_NOTE, "", "Tokens to the baseline's final loss: the first point of each run's validation curve at or below the baseline's mean final validation loss, as a share of the baseline's tokens (– : not reached).", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if dynamics:
         lines += ["", "## Training dynamics", "", DYNAMICS_NOTE, ""] + [f"![{p.stem}]({p.name})" for p in dynamics]
@@ -202,10 +214,10 @@ def markdown(rows: list[dict], baseline: str, plots: list[Path], dynamics: list[
 
 
 def to_html(rows: list[dict], baseline: str, plots: list[Path], notes: list[str]) -> str:
-    head = ["variant", "seeds", "final val loss", f"Δ vs {baseline}", "tokens to baseline", "tokens/s (median)"]
+    head = ["variant", "seeds", "final val loss", f"Δ vs {baseline}", "fall over the last fifth", "tokens to baseline", "tokens/s (median)"]
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (r["variant"], r["seeds"], f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}",
-                                                                      f"{r['delta_vs_baseline']:+.4f}", fmt(r["tokens_to_baseline_ratio"], ".2f"), f"{r['tokens_per_s']:,.0f}")) + "</tr>"
+                                                                      f"{r['delta_vs_baseline']:+.4f}", fmt(r["fall_last_fifth"], "+.4f", ""), fmt(r["tokens_to_baseline_ratio"], ".2f"), f"{r['tokens_per_s']:,.0f}")) + "</tr>"
         for r in rows
     )
     warn = "".join(f"<p><b>Warning:</b> {html.escape(n)}</p>" for n in notes)

@@ -67,6 +67,8 @@ class Protocol:
     baseline: str = "mha"
     margin: float = 0.01
     stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find where each arm fails to train
+    previous_report: str = ""  # an earlier report of this protocol: its deltas are set beside the new ones
+    init_audit: str = ""  # the init audit's spec: its finding, read from its runs, opens "What changed"
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
     spec: str = ""  # the file it was read from, for the report's command line
@@ -192,7 +194,10 @@ def stability_probe(p: Protocol, out: Path) -> Path | None:
 
 
 def check(p: Protocol) -> None:
-    """The spec's compression settings against the target model, before any compute."""
+    """The spec's files and compression settings against the target model, before any compute."""
+    for key in ("previous_report", "init_audit"):
+        if getattr(p, key) and not Path(getattr(p, key)).is_file():
+            raise SweepError(f"{key}={getattr(p, key)} does not exist; give an existing file or leave {key} out")
     c = p.compression
     if c.arm not in p.sweep.arm_overrides():
         raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(p.sweep.arm_overrides())})")

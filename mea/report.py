@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import time
 from collections import Counter
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from mea.compare import DYNAMICS_NOTE
+from mea.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
+from mea.init_audit import REFERENCE, finding
 from mea.plotting import plt, save_figure
 from mea.runs import made_with
-from mea.scaling.sweep import at_largest_size, read_results
+from mea.scaling.sweep import at_largest_size, load_spec, read_results
 
 
 def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
@@ -103,6 +105,16 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
         gap, gap_nonorm = diff["final_val_loss"] - base["final_val_loss"], nonorm["final_val_loss"] - base["final_val_loss"]
         out.append(f"**DFA without its norm drifts toward standard attention.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
                    f"{'agrees' if abs(gap_nonorm) < abs(gap) else 'disagrees'} (the loss of diff without norm is {'closer to' if abs(gap_nonorm) < abs(gap) else 'further from'} the baseline's).")
+    virtual, gqa = row_of(rows, "mea_virtual"), row_of(rows, "mha_gqa")
+    if virtual and gqa:
+        delta = virtual["final_val_loss"] - gqa["final_val_loss"]
+        costs = []
+        for half, full in ((virtual, mea), (gqa, base)):
+            if full:
+                cost = half["final_val_loss"] - full["final_val_loss"]
+                costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if abs(cost) <= 2 * standard_error(half, full) else 'beyond'} 2 standard errors)")
+        out.append(f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
+                   f"{verdict(delta, standard_error(virtual, gqa))}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
     if len(compression) > 1:
         control = compression[0]  # the uncompressed model after the same continued pretraining
         parts = [f"{c['setting']}: {c['val_after_conversion'] - control['val_after_conversion']:+.4f} right after conversion, "
@@ -113,12 +125,42 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
     return out
 
 
+def previous_results(path: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """An earlier report's main-corpus deltas against its baseline, and the steps of its LR-sweep and from-scratch runs,
+    read from its text (its table and the command lines it printed)."""
+    text = path.read_text()
+    main = text.split("### main corpus", 1)[-1].split("###", 1)[0]
+    deltas = {arm: float(d) for arm, d in re.findall(r"^\| (\S+) \| \d+ \| [\d.]+ ± [\d.]+ \| ([+-][\d.]+) \|", main, re.M)}
+    steps = {kind: int(m.group(1)) for kind in ("an LR-sweep run", "a from-scratch run")
+             if (m := re.search(rf"# {kind}\npython train.py [^\n]*trainer.max_steps=(\d+)", text))}
+    return deltas, steps
+
+
+def what_changed(p, rows: list[dict], out: Path, report: Path) -> list[str]:
+    lines = ["## What changed since the first report", ""]
+    if p.init_audit:
+        lines += [finding(load_spec(Path(p.init_audit)), REFERENCE), ""]
+    previous = Path(p.previous_report)
+    if not previous.is_file():
+        return lines
+    deltas, steps = previous_results(previous)
+    now = {kind: int(next(o for o in example[1] if o.startswith("trainer.max_steps=")).split("=", 1)[1])
+           for kind in ("an LR-sweep run", "a from-scratch run") if (example := example_run(out, RUN_KINDS[kind]))}
+    budget = "; ".join(f"{kind.split(' ', 1)[1]}s: {steps.get(kind, '?')} steps then, {now.get(kind, '?')} now" for kind in ("an LR-sweep run", "a from-scratch run"))
+    lines += [f"The [previous report]({os.path.relpath(previous, report.parent)}) against this one ({budget}):", "",
+              f"| arm | Δ vs {p.baseline} then | Δ vs {p.baseline} now |", "|---|---|---|"]
+    for arm in sorted({*deltas, *(r["variant"] for r in rows)}):
+        mine, then = row_of(rows, arm), f"{deltas[arm]:+.4f}" if arm in deltas else "–"
+        lines.append(f"| {arm} | {then} | {mine['delta_vs_baseline']:+.4f} |" if mine else f"| {arm} | {then} | – |")
+    return lines + [""]
+
+
 def table(rows: list[dict], baseline: str) -> list[str]:
-    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | tokens to {baseline}'s loss | tokens/s (median over seeds) |", "|---|---|---|---|---|---|"]
+    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | fall over the last fifth | tokens to {baseline}'s loss | tokens/s (median over seeds) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if not math.isfinite(r["tokens_to_baseline_ratio"]) else f"{r['tokens_to_baseline_ratio']:.2f}×"
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {ratio} | {r['tokens_per_s']:,.0f} |")
-    return lines
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {fmt(r['fall_last_fifth'], '+.4f', '')} | {ratio} | {r['tokens_per_s']:,.0f} |")
+    return lines + ["", FALL_NOTE]
 
 
 def training_time(out: Path) -> str:
@@ -129,18 +171,22 @@ def training_time(out: Path) -> str:
     return f"{len(summaries)} training runs took {sum(s.get('wall_time_s', 0.0) for s in summaries) / 60:.1f} min in all · code: {versions}"
 
 
-def commands(p, out: Path) -> list[str]:
-    """The one command, and the exact command line of one run of each kind, read from the run's Hydra record."""
-    def train_line(pattern: str) -> str | None:
-        run = next(iter(sorted(out.glob(pattern))), None)
-        overrides = None if run is None else made_with(run)
-        return None if overrides is None else f"python train.py {' '.join(overrides)} hydra.run.dir={run}"
+RUN_KINDS = {"an LR-sweep run": "sweep/*/*/*", "a stability-probe run": "stability/*/*/*", "a from-scratch run": "compare-main/*/*",
+             "a second-corpus run": "compare-second/*/*", "a recovery run": "compression/*-recover"}
 
-    kinds = {"an LR-sweep run": "sweep/*/*/*", "a stability-probe run": "stability/*/*/*", "a from-scratch run": "compare-main/*/*", "a second-corpus run": "compare-second/*/*",
-             "a recovery run": "compression/*-recover"}
+
+def example_run(out: Path, pattern: str) -> tuple[Path, list[str]] | None:
+    """The first run matching pattern under out, with the overrides it was started with (its Hydra record)."""
+    run = next(iter(sorted(out.glob(pattern))), None)
+    overrides = None if run is None else made_with(run)
+    return None if overrides is None else (run, overrides)
+
+
+def commands(p, out: Path) -> list[str]:
+    """The one command, and the exact command line of one run of each kind."""
     lines = ["How it was made — the one command, resumable:", "", "```bash", f"mea-experiment {p.spec}", "```", "",
              "which runs, for example:", "", "```bash"]
-    lines += [f"# {kind}\n{line}" for kind, pattern in kinds.items() if (line := train_line(pattern))]
+    lines += [f"# {kind}\npython train.py {' '.join(example[1])} hydra.run.dir={example[0]}" for kind, pattern in RUN_KINDS.items() if (example := example_run(out, pattern))]
     return lines + ["```"]
 
 
@@ -175,8 +221,9 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
              f"Made by `mea-experiment` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads · {training_time(out)} · wall time of this sitting {wall_s / 60:.1f} min (a re-run skips finished steps).", "",
              *commands(p, out), "",
-             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid)]
-    lines += ["", "## LR laws", "", "| arm | a | b (95% interval) | LR at the target (95% interval) | source |", "|---|---|---|---|---|"]
+             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid)] + [""]
+    lines += what_changed(p, comparisons["main"]["rows"], out, path)
+    lines += ["## LR laws", "", "| arm | a | b (95% interval) | LR at the target (95% interval) | source |", "|---|---|---|---|---|"]
     for arm, chosen in lrs.items():
         g = fit["groups"].get(arm, {})
         ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"

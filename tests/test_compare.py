@@ -2,6 +2,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_model
@@ -43,8 +44,10 @@ def test_compare_report_matches_the_runs(runs, tmp_path):
     std = (sum((x - mean) ** 2 for x in mha_finals)) ** 0.5  # ddof=1 with two seeds
     row = re.search(r"\| mha \| 2 \| ([\d.]+) ± ([\d.]+) \| \+0\.0000 \|", report)
     assert row and float(row.group(1)) == pytest.approx(mean, abs=1e-4) and float(row.group(2)) == pytest.approx(std, abs=1e-4)
-    mea_row = re.search(r"\| mea \| 1 \| ([\d.]+) ± 0\.0000 \| ([+-][\d.]+) \|", report)
+    mea_row = re.search(r"\| mea \| 1 \| ([\d.]+) ± 0\.0000 \| ([+-][\d.]+) \| ([+-][\d.]+) \|", report)
     assert float(mea_row.group(1)) == pytest.approx(mea_final, abs=1e-4) and float(mea_row.group(2)) == pytest.approx(mea_final - mean, abs=1e-4)
+    tokens, val = zip(*[(r["tokens"], r["val_loss"]) for r in metrics(runs["mea-0"]) if "val_loss" in r])
+    assert len(tokens) >= 2 and float(mea_row.group(3)) == pytest.approx(np.interp(0.8 * tokens[-1], tokens, val) - val[-1], abs=1e-4)
     assert "<table" in (out / "report.html").read_text()
     assert "## Training dynamics" in report  # every quantity logged, a figure each
     for quantity in ("resid_rms", "attn_ratio", "mlp_ratio", "entropy", "head_norm_scale", "hlc_k_offdiag", "hlc_v_dist"):
