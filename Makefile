@@ -17,8 +17,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 demo: $(BIN)/.installed
 	$(BIN)/python train.py hydra.run.dir=runs/demo
 
+# A test process per core, each test file kept in one (its module fixtures are built once): the suite is mostly
+# short training subprocesses, one thread each (tests/conftest.py).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/train_step.py

@@ -14,7 +14,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 register_configs()
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread a process: the models here are tiny, and `make test` runs a test process per core (pytest-xdist), each
+# starting training subprocesses; more threads than cores would leave OpenMP spinning against itself.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

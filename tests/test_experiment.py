@@ -127,8 +127,8 @@ def test_init_audit_reads_every_number_from_its_runs(tmp_path):
         seed0 = min(float(r["final_val_loss"]) for r in rows if r["variant"] == arm)
         seed1 = json.loads((tmp_path / "runs" / "seeds" / "w32" / arm / "s1" / "summary.json").read_text())["final_val_loss"]
         variances.append((seed0 - seed1) ** 2 / 2)
-    sigma = float(re.search(r"Seed noise: σ = ([\d.]+)", text).group(1))
-    assert abs(sigma - (sum(variances) / 3) ** 0.5) < 1e-4
+    sigma = (sum(variances) / 3) ** 0.5
+    assert abs(float(re.search(r"Seed noise: σ = ([\d.]+)", text).group(1)) - sigma) < 1e-4
     assert re.search(r"^- \*\*gpt2, head_norm_scale=0.05\*\*: (passes|fails)", text, re.M) and re.search(r"^- \*\*llama, head_norm_scale=1\*\*: (passes|fails)", text, re.M)
     # mha-llama's config carries the default head-norm scale, 0.05, which mha never uses: it names no setting of its own
     assert "llama, head_norm_scale=0.05" not in text and "| variant | gpt2, head_norm_scale=0.05 | llama, head_norm_scale=1 | best − " in text

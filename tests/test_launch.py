@@ -95,7 +95,7 @@ def test_bad_shapes_missing_tools_and_busy_ports(tmp_path):
 def node(rank: int, port: int, run_dir, *extra: str) -> subprocess.Popen:
     args = [sys.executable, LAUNCH, "torchrun", "--nodes", "2", "--gpus-per-node", "1", "--master-port", str(port), "--node-rank", str(rank),
             "--run-dir", str(run_dir), "--", *RUN, "deepspeed=zero2", *extra]
-    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -114,7 +114,7 @@ def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tmp_path):
     args = [*QUICK, "trainer.max_steps=200", "deepspeed=zero2"]
     port = free_port()
     cmd = [sys.executable, LAUNCH, "torchrun", "--nodes", "1", "--gpus-per-node", "2", "--master-port", str(port), "--node-rank", "0", "--run-dir", str(tmp_path), "--", *args]
-    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
         assert proc.poll() is None

@@ -36,7 +36,7 @@ def curve(run_dir: Path) -> list[tuple]:
 
 def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     args = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return run_cli(*args, "train.py", *overrides, f"hydra.run.dir={run_dir}", env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout=600)
+    return run_cli(*args, "train.py", *overrides, f"hydra.run.dir={run_dir}", env={"DS_ACCELERATOR": "cpu"}, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_zero3_kill_and_resume_on_two_processes(tmp_path, single_process):
     args = [*RUN, "deepspeed=zero3", "trainer.checkpoint_every=5"]
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "train.py", *args, f"hydra.run.dir={tmp_path}"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_when(proc, tmp_path / "checkpoints" / "step-0000010")
     resumed = torchrun(tmp_path, *args)
