@@ -150,3 +150,22 @@ def test_a_scheme_passes_the_audit_only_when_it_handicaps_no_variant_beyond_nois
             ("d64", "mea", "gpt2"): {"loss": 4.30}, ("d64", "mea", "llama"): {"loss": 3.69}}
     assert verdicts(best, tolerance=0.05) == {"gpt2": ["mea at d64 is +0.610 above its best setting"], "llama": []}
     assert verdicts(best, tolerance=0.01)["llama"] == ["mha at d64 is +0.020 above its best setting"]
+
+
+def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
+    from types import SimpleNamespace
+
+    from mea.report import claims
+
+    def arm(name, loss, std=0.01, seeds=3):
+        return {"variant": name, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds}
+
+    rows = [arm("mha", 3.70), arm("mha_gn", 3.68), arm("mea", 3.60), arm("diff", 3.75), arm("diff_nonorm", 3.72),
+            arm("mha_gqa", 3.80), arm("mea_virtual", 3.62, std=0.2)]
+    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {})
+    assert "**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees." in said
+    assert "Δ(mha_gn) = -0.0200 against Δ(mea) = -0.1000 (share 0.20): agrees" in said[1]
+    assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
+    # 0.18 apart, but mea_virtual's seeds spread 0.2: the standard error is 0.116, so the claim is within noise
+    assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors). What halving the cache costs each against its full-cache arm: "
+            "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors).") in said[3]
