@@ -147,7 +147,10 @@ def finding(spec: SweepSpec, reference: str) -> str:
     seeds = sorted({int(run.name[1:]) for run in Path(spec.out).glob("seeds/*/*/s*")})
     sigma, _ = seed_noise(seed_runs(spec, rows, seeds, Path(spec.out), None, train_missing=False))
     top = {(size, variant): min(c["loss"] for (z, v, _), c in best.items() if (z, v) == (size, variant)) for size, variant, _ in best}
-    gap = lambda label: {(z, v): best[z, v, label]["loss"] - top[z, v] for z, v in top if (z, v, label) in best}  # noqa: E731
+
+    def gap(label: str) -> dict[tuple[str, str], float]:
+        return {(z, v): best[z, v, label]["loss"] - top[z, v] for z, v in top if (z, v, label) in best}
+
     default = init_label(InitConfig())
     costs, left = gap(reference), gap(default)
     hurt = [d for (z, v), d in costs.items() if has_head_norm(v)]

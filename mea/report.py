@@ -21,10 +21,14 @@ from mea.runs import made_with
 from mea.scaling.sweep import at_largest_size, load_spec, read_results
 
 
+def within_noise(delta: float, se: float) -> bool:
+    return se > 0 and abs(delta) <= 2 * se
+
+
 def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
     if not math.isfinite(delta):
         return "not measured"
-    if se > 0 and abs(delta) <= 2 * se:
+    if within_noise(delta, se):
         return "within noise (|Δ| ≤ 2 standard errors)"
     return "agrees" if (delta < 0) == better_if_negative else "disagrees"
 
@@ -112,7 +116,7 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
         for half, full in ((virtual, mea), (gqa, base)):
             if full:
                 cost = half["final_val_loss"] - full["final_val_loss"]
-                costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if abs(cost) <= 2 * standard_error(half, full) else 'beyond'} 2 standard errors)")
+                costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if within_noise(cost, standard_error(half, full)) else 'beyond'} 2 standard errors)")
         out.append(f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
                    f"{verdict(delta, standard_error(virtual, gqa))}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
     if len(compression) > 1:
