@@ -55,6 +55,9 @@ class Compression:
 class SecondCorpus:
     data: list[str] = field(default_factory=list)  # overrides of the data config for the repeat; none: no repeat
     seeds: list[int] = field(default_factory=lambda: [0, 1])
+    # tokens a run; 0: the target's. A small corpus repeats: up to about 4 passes repeated tokens are worth nearly
+    # as much as fresh ones (Muennighoff et al. 2023, arXiv 2305.16264); beyond that the runs measure memorisation.
+    tokens: int = 0
 
 
 @dataclass
@@ -99,10 +102,10 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str]) -> list[str]:
+def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int) -> list[str]:
     base = [f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, f"model.name={p.target.name}", *p.sweep.arm_overrides()[arm], f"arm={arm}", *data]
     cfg = compose_run(base)
-    steps = max(1, math.ceil(p.target.tokens / (cfg.trainer.global_batch * cfg.data.seq_len)))
+    steps = max(1, math.ceil(tokens / (cfg.trainer.global_batch * cfg.data.seq_len)))
     return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={p.name}"]
 
 
@@ -221,14 +224,15 @@ def run(p: Protocol) -> Path:
     fit_main(["lr-law", str(results), "--out", str(fit_dir), "--target", f"{n_target:g}", "--lr-conf-dir", str(out / "lr"), "--margin", str(p.margin)])
     fit = json.loads((fit_dir / "fit.json").read_text())
     lrs = chosen_lrs(p, fit, results)
-    corpora = {"main": ([], p.target.seeds)} | ({"second": (p.second_corpus.data, p.second_corpus.seeds)} if p.second_corpus.data else {})
+    second = p.second_corpus
+    corpora = {"main": ([], p.target.seeds, p.target.tokens)} | ({"second": (second.data, second.seeds, second.tokens or p.target.tokens)} if second.data else {})
     comparisons = {}
-    for corpus, (data, seeds) in corpora.items():
+    for corpus, (data, seeds, tokens) in corpora.items():
         dirs = []
         for arm, chosen in lrs.items():
             for seed in seeds:
                 run_dir = out / f"compare-{corpus}" / arm / f"s{seed}"
-                train(run_dir, target_overrides(p, arm, chosen["lr"], seed, data))
+                train(run_dir, target_overrides(p, arm, chosen["lr"], seed, data, tokens))
                 dirs.append(run_dir)
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
     common = [*p.sweep.overrides, *p.target.overrides]

@@ -167,6 +167,13 @@ def table(rows: list[dict], baseline: str) -> list[str]:
     return lines + ["", FALL_NOTE]
 
 
+def budget(runs: Path) -> str:
+    """Each run's steps and tokens, and how often that repeats the corpus's training split."""
+    s = json.loads(next(iter(sorted(runs.glob("*/*/summary.json")))).read_text())
+    passes = f": {s['passes']:.1f} passes over the corpus's training split" if "passes" in s else ""
+    return f"Each run: {s['steps']:,} steps, {s['tokens']:,} tokens{passes}."
+
+
 def training_time(out: Path) -> str:
     """How many runs, their training time, and the code they ran (git commits, with how many runs each)."""
     summaries = [json.loads(f.read_text()) for f in out.rglob("summary.json")]
@@ -243,7 +250,7 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
                                      "Validation loss at equal tokens, each arm at its own law's LR. Tokens/s are the runs' own, on whatever else "
                                      "the machine was doing; speed ratios measured side by side are in BENCHMARKS.md.", ""]
     for corpus, comp in comparisons.items():
-        lines += [f"### {'main corpus' if corpus == 'main' else 'second corpus'}", ""] + table(comp["rows"], comp["baseline"]) + [""]
+        lines += [f"### {'main corpus' if corpus == 'main' else 'second corpus'}", "", budget(out / f"compare-{corpus}"), ""] + table(comp["rows"], comp["baseline"]) + [""]
         prefix = "" if corpus == "main" else f"{corpus}_"
         lines += [f"![loss]({rel(prefix + 'loss_vs_tokens.png')}) ![delta]({rel(prefix + 'delta_vs_baseline.png')})", ""]
         if comp["notes"]:

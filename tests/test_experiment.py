@@ -31,7 +31,7 @@ sweep:
   overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
 target: {{model: tiny, name: w96, tokens: 4096, overrides: [model.dim=96, model.n_heads=4], seeds: [0, 1]}}
 compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
-second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512], seeds: [0]}}
+second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512], seeds: [0], tokens: 2048}}
 """
 
 
@@ -64,6 +64,8 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     for arm, losses in finals.items():  # the table's numbers are the runs' own
         row = re.search(rf"\| {arm} \| 2 \| ([\d.]+) ± ", report)
         assert row and abs(float(row.group(1)) - sum(losses) / 2) < 1e-4
+    second = json.loads((tmp_path / "runs" / "compare-second" / "mha" / "s0" / "summary.json").read_text())  # its own, shorter budget
+    assert "Each run: 16 steps, 4,096 tokens: " in report and f"Each run: 8 steps, 2,048 tokens: {second['passes']:.1f} passes over" in report
     assert "**MEA reaches a lower validation loss than the Transformer.**" in report and "**MEA tolerates larger learning rates.**" in report
     virtual = re.search(r"\*\*At half the KV cache, MEA's virtual heads beat grouped-query attention \(both trained from scratch\)\.\*\* Δ\(mea_virtual − mha_gqa\) = ([+-][\d.]+)", report)
     assert virtual and abs(float(virtual.group(1)) - (sum(finals["mea_virtual"]) - sum(finals["mha_gqa"])) / 2) < 2e-4

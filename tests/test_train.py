@@ -2,7 +2,9 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
+from mea.data.shards import prepared_path
 from mea.models import REGISTRY
 from mea.train import run
 
@@ -21,6 +23,9 @@ def test_train_cli_writes_the_run_directory(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_val_loss"] == rows[-1]["val_loss"] and summary["final_train_loss"] == rows[-1]["loss"]
     assert summary["variant"] == "mea" and summary["non_embedding_params"] < summary["params"]
+    manifest = json.loads((prepared_path(OmegaConf.load(run_dir / "config.yaml").data, summary["data"]) / "manifest.json").read_text())
+    windows = sum((shard["tokens"] - 1) // 64 for shard in manifest["shards"] if shard["split"] == "train")
+    assert summary["passes"] == pytest.approx(30 * 8 / windows)  # how often the run repeats its training split
     assert "attention:\n  name: mea" in (run_dir / "config.yaml").read_text()
     for line in ("parameters (", "non-embedding", "final train loss", f"run directory: {run_dir}", "sample: "):
         assert line in proc.stdout

@@ -249,6 +249,7 @@ def run(dict_cfg: DictConfig) -> dict:
             "non_embedding_params": params["non_embedding"],
             "steps": tc.max_steps,
             "tokens": tc.max_steps * tokens_per_step,
+            "passes": tc.max_steps * tc.global_batch / len(train_batches.windows),  # over the training split: above ~4, data repeats too often
             "final_train_loss": last_row.get("loss", float("nan")),
             "final_val_loss": state["val_loss"],
             "bad_steps": state["bad_steps_total"],
