@@ -259,3 +259,13 @@ def test_a_vertex_far_below_every_loss_seen_is_refused_not_square_rooted():
     """A flat bottom between steep sides: the parabola dips below the runs by more than a parabola can."""
     with pytest.raises(FitError, match=r"the fitted loss at the optimum, 2.247, is far below every loss seen near it \(2.308–2.367\)"):
         lr_optimum(np.exp(np.arange(5.0)), np.array([2.78, 2.311, 2.308, 2.367, 2.865]), "x")
+
+
+def test_three_runs_give_the_bracketing_lrs_as_the_interval_not_a_zero_width_one():
+    """mha at d64 in paper_small: the walls left out, three single-seed runs remain, and a parabola through three
+    points does not move when they are resampled; the interval is then the best LR's neighbours."""
+    lrs = np.array([1e-3, 2.15e-3, 4.64e-3, 1e-2, 2.15e-2])
+    opt = lr_optimum(lrs, np.array([3.708, 3.358, 3.337, 3.356, 3.704]), "mha, N=2.14e+05")
+    assert 2.15e-3 < opt.lr < 1e-2 and opt.ci == pytest.approx((2.15e-3, 1e-2))
+    seeds = lr_optimum(np.repeat(lrs, 2), np.array([3.708, 3.71, 3.358, 3.37, 3.337, 3.33, 3.356, 3.35, 3.704, 3.70]), "two seeds")
+    assert 2.15e-3 < seeds.ci[0] < seeds.lr < seeds.ci[1] < 1e-2  # replicate seeds: the bootstrap has noise to resample

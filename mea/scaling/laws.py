@@ -86,16 +86,19 @@ def lr_optimum(lrs: np.ndarray, losses: np.ndarray, label: str, window: int = 2,
         raise FitError(f"{label}: the fitted optimum {math.exp(x_star):.3g} lies more than a grid step from the best LR, {grid[best]:.3g}, outside the LRs that bracket it (a lopsided or noisy curve); add LRs or seeds near it")
     if not loss_star > max(0.0, means[best] - rise):
         raise FitError(f"{label}: the fitted loss at the optimum, {loss_star:.4g}, is far below every loss seen near it ({means[best]:.4g}–{means[best] + rise:.4g}); add LRs or seeds near {grid[best]:.3g}")
+    # Three runs fix the parabola exactly, so resampling them cannot move it and would give a zero-width interval;
+    # what they do say, by convexity, is that the optimum lies between the best LR's neighbours.
+    bracket = (math.log(grid[best - 1]), math.log(grid[best + 1]))
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot):
+    for _ in range(n_boot if len(x) > 3 else 0):
         idx = rng.integers(0, len(x), len(x))
         if len(np.unique(x[idx])) < 3:
             continue
         b0, b1, b2 = fit_quadratic(x[idx], y[idx])
         if b2 > 0:
             boots.append(np.clip(-b1 / (2 * b2), x.min(), x.max()))
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (x_star, x_star)
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else bracket
     return Optimum(float(math.exp(x_star)), float(loss_star), (float(math.exp(lo)), float(math.exp(hi))), float(c2), (c0, c1, c2))
 
 
