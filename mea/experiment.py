@@ -197,7 +197,11 @@ def stability_probe(p: Protocol, out: Path) -> Path | None:
 
 
 def check(p: Protocol) -> None:
-    """The spec's files and compression settings against the target model, before any compute."""
+    """The spec's files, token budgets and compression settings against the target model, before any compute."""
+    if p.target.tokens <= 0:
+        raise SweepError(f"target.tokens={p.target.tokens}; give the from-scratch runs a positive token budget")
+    if p.second_corpus.tokens < 0:
+        raise SweepError(f"second_corpus.tokens={p.second_corpus.tokens}; give a positive token budget, or 0 for the target's")
     for key in ("previous_report", "init_audit"):
         if getattr(p, key) and not Path(getattr(p, key)).is_file():
             raise SweepError(f"{key}={getattr(p, key)} does not exist; give an existing file or leave {key} out")

@@ -35,8 +35,14 @@ second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vo
 """
 
 
-def test_bad_compression_settings_fail_before_any_run(tmp_path):
+def test_bad_spec_settings_fail_before_any_run(tmp_path):
     spec = tmp_path / "bad.yaml"
+    for bad, error in [("tokens: 2048}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
+                       ("name: w96, tokens: 4096", "target.tokens=0; give the from-scratch runs a positive token budget")]:
+        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(bad, bad.replace("2048", "-1").replace("4096", "0")))
+        proc = run_cli("-m", "mea.experiment", str(spec))
+        assert proc.returncode == 2 and error in proc.stderr, proc.stderr
+        assert not (tmp_path / "runs").exists()
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("kv_heads: [2]", "kv_heads: [2, 4]"))
     proc = run_cli("-m", "mea.experiment", str(spec))
     assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr

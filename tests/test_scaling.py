@@ -182,6 +182,10 @@ def test_bad_sweep_spec(tmp_path):
     spec.write_text(MINI.replace("lr_min", "lr_mn").replace("OUT", str(tmp_path)))
     proc = run_cli("sweeps/lr_sweep.py", str(spec))
     assert proc.returncode == 2 and "lr_mn" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    spec.write_text(MINI.replace("name: w64, tokens: 6144", "name: w64, tokens: 0").replace("OUT", str(tmp_path)))
+    proc = run_cli("sweeps/lr_sweep.py", str(spec))
+    assert proc.returncode == 2 and "size w64 has tokens=0; give each size a positive token budget" in proc.stderr
+    assert not any(tmp_path.glob("**/summary.json"))
 
 
 def budget_grid_runs(c=0.5, alpha=-0.35, beta=0.12, sizes=(1e6, 3e6, 1e7, 3e7), budgets=(3e7, 1e8, 3e8, 1e9), noise=0.001, seed=0):

@@ -79,6 +79,9 @@ def load_spec(path: Path) -> SweepSpec:
         raise SweepError(f"{path}: two sizes share the label {max(labels, key=labels.count)!r}; give each a distinct name")
     if not 0 < spec.lr_min < spec.lr_max or spec.lr_points < 3:
         raise SweepError(f"{path}: the LR grid needs 0 < lr_min < lr_max and lr_points >= 3 (a quadratic fits the optimum)")
+    for size in spec.sizes:
+        if size.tokens <= 0:
+            raise SweepError(f"{path}: size {size.label} has tokens={size.tokens}; give each size a positive token budget")
     return spec
 
 
