@@ -71,6 +71,9 @@ class Protocol:
     margin: float = 0.01
     stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find where each arm fails to train
     previous_report: str = ""  # an earlier report of this protocol: its deltas are set beside the new ones
+    # arm -> another arm: the first is also trained from scratch at the second's LR (the target's seeds), to measure
+    # whether its own law's LR handicapped it (a law resting on fewer sizes, an exponent unlike the others')
+    lr_checks: dict[str, str] = field(default_factory=dict)
     init_audit: str = ""  # the init audit's spec: its finding, read from its runs, opens "What changed"
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
@@ -102,11 +105,11 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int) -> list[str]:
+def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int, group: str = "") -> list[str]:
     base = [f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, f"model.name={p.target.name}", *p.sweep.arm_overrides()[arm], f"arm={arm}", *data]
     cfg = compose_run(base)
     steps = max(1, math.ceil(tokens / (cfg.trainer.global_batch * cfg.data.seq_len)))
-    return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={p.name}"]
+    return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={group or p.name}"]
 
 
 def target_size(p: Protocol) -> float:
@@ -205,8 +208,12 @@ def check(p: Protocol) -> None:
     for key in ("previous_report", "init_audit"):
         if getattr(p, key) and not Path(getattr(p, key)).is_file():
             raise SweepError(f"{key}={getattr(p, key)} does not exist; give an existing file or leave {key} out")
+    arms = p.sweep.arm_overrides()
+    for arm, other in p.lr_checks.items():
+        if arm not in arms or other not in arms or arm == other:
+            raise SweepError(f"lr_checks: {{{arm}: {other}}} must name two different arms ({', '.join(arms)})")
     c = p.compression
-    if c.arm not in p.sweep.arm_overrides():
+    if c.arm not in arms:
         raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(p.sweep.arm_overrides())})")
     cfg = compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *p.sweep.arm_overrides()[c.arm]])
     if cfg.attention.name not in CONVERTIBLE:
@@ -239,12 +246,20 @@ def run(p: Protocol) -> Path:
                 train(run_dir, target_overrides(p, arm, chosen["lr"], seed, data, tokens))
                 dirs.append(run_dir)
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
+    lr_checks = {}
+    for arm, other in p.lr_checks.items():
+        name = f"{arm}-at-{other}-lr"
+        dirs = [out / "lr-check" / name / f"s{seed}" for seed in p.target.seeds]
+        for run_dir, seed in zip(dirs, p.target.seeds):
+            train(run_dir, target_overrides(p, arm, lrs[other]["lr"], seed, [], p.target.tokens, group=f"{p.name}-lr-check"))  # apart from the comparison's W&B group
+        row = compare(dirs, out / "report-lr-check" / name, arm)["rows"][0]
+        lr_checks[arm] = {"other": other, "lr": lrs[other]["lr"], "own_lr": lrs[arm]["lr"], "row": row}
     common = [*p.sweep.overrides, *p.target.overrides]
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
     compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
     from .report import write_report
 
-    return write_report(p, fit, lrs, comparisons, compression, results, stability, time.perf_counter() - started, Path(p.report))
+    return write_report(p, fit, lrs, comparisons, lr_checks, compression, results, stability, time.perf_counter() - started, Path(p.report))
 
 
 def main(argv: list[str] | None = None) -> None:

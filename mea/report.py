@@ -82,7 +82,7 @@ def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
 
 
-def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
+def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]], lr_checks: dict[str, dict]) -> list[str]:
     out = []
     base = row_of(rows, p.baseline)
     mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
@@ -117,8 +117,12 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
             if full:
                 cost = half["final_val_loss"] - full["final_val_loss"]
                 costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if within_noise(cost, standard_error(half, full)) else 'beyond'} 2 standard errors)")
-        out.append(f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
-                   f"{verdict(delta, standard_error(virtual, gqa))}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
+        said = (f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
+                f"{verdict(delta, standard_error(virtual, gqa))}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
+        if check := lr_checks.get("mha_gqa"):
+            fair = virtual["final_val_loss"] - check["row"]["final_val_loss"]
+            said += f" Against mha_gqa trained at {check['other']}'s LR ({check['lr']:.3g}): Δ = {fair:+.4f}, {verdict(fair, standard_error(virtual, check['row']))}."
+        out.append(said)
     if len(compression) > 1:
         control = compression[0]  # the uncompressed model after the same continued pretraining
         parts = [f"{c['setting']}: {c['val_after_conversion'] - control['val_after_conversion']:+.4f} right after conversion, "
@@ -126,6 +130,15 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                  f"{c['kv_bytes_per_token'] / control['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
         out.append("**A 50% KV cache costs little after continued pretraining.** " + "; ".join(parts) + ". "
                    f"(The control itself moved {control['val_after_recovery'] - control['val_after_conversion']:+.4f} in its {control['recover_steps']} steps.)")
+    for arm, check in lr_checks.items():
+        own, at = row_of(rows, arm), check["row"]
+        if own:
+            d = at["final_val_loss"] - own["final_val_loss"]
+            reading = ("within noise (|Δ| ≤ 2 standard errors)" if within_noise(d, standard_error(at, own))
+                       else f"its own law's LR handicapped it: read the claims on {arm} with this" if d < 0 else "its own law's LR is the better one")
+            out.append(f"**Checked: did its law's LR handicap {arm}?** Trained at {check['other']}'s LR ({check['lr']:.3g}) instead of its own ({check['own_lr']:.3g}): "
+                       f"{at['final_val_loss']:.4f} ± {at['final_val_loss_std']:.4f} against {own['final_val_loss']:.4f} ± {own['final_val_loss_std']:.4f} "
+                       f"({at['seeds']} vs {own['seeds']} seeds): Δ = {d:+.4f}, {reading}.")
     return out
 
 
@@ -213,7 +226,7 @@ def recovery_plot(out: Path, compression_dir: Path, compression: list[dict]) -> 
     return save_figure(fig, out / "compression_recovery")
 
 
-def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[dict], results: Path, stability: Path | None, wall_s: float, path: Path) -> Path:
+def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str, dict], compression: list[dict], results: Path, stability: Path | None, wall_s: float, path: Path) -> Path:
     out = Path(p.out)
     grid = largest_size_runs(results, stability)
     assets = path.with_suffix("")
@@ -232,14 +245,17 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, compression: list[d
              f"Made by `mea-experiment` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads · {training_time(out)} · wall time of this sitting {wall_s / 60:.1f} min (a re-run skips finished steps).", "",
              *commands(p, out), "",
-             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid)] + [""]
+             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid, lr_checks)] + [""]
     lines += what_changed(p, comparisons["main"]["rows"], out, path)
-    lines += ["## LR laws", "", "| arm | a | b (95% interval) | LR at the target (95% interval) | source |", "|---|---|---|---|---|"]
+    lines += ["## LR laws", "", "| arm | a | b (95% interval) | sizes fitted | LR at the target (95% interval) | source |", "|---|---|---|---|---|---|"]
     for arm, chosen in lrs.items():
         g = fit["groups"].get(arm, {})
         ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"
         law = (f"{g['a']:.4g}", f"{g['b']:.3f} ({g['b_ci'][0]:.3f} – {g['b_ci'][1]:.3f})") if "a" in g else ("–", "–")
-        lines.append(f"| {arm} | {law[0]} | {law[1]} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
+        fitted = f"{sum('lr' in c for c in g.get('cells', []))} of {len(g.get('cells', []))}"
+        lines.append(f"| {arm} | {law[0]} | {law[1]} | {fitted} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
+    if fit["messages"]:  # a size left out of a law: its LR rests on fewer points, read it with that in mind
+        lines += [""] + [f"> {m}" for m in fit["messages"]]
     lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in next(iter(fit["groups"].values()))["cells"]) + " |",
               "|---|" + "---|" * len(next(iter(fit["groups"].values()))["cells"])]
     for arm, g in fit["groups"].items():

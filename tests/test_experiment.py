@@ -30,6 +30,7 @@ sweep:
   lr_points: 3
   overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
 target: {{model: tiny, name: w96, tokens: 4096, overrides: [model.dim=96, model.n_heads=4], seeds: [0, 1]}}
+lr_checks: {{mha_gqa: mha}}
 compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
 second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512], seeds: [0], tokens: 2048}}
 """
@@ -37,9 +38,10 @@ second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vo
 
 def test_bad_spec_settings_fail_before_any_run(tmp_path):
     spec = tmp_path / "bad.yaml"
-    for bad, error in [("tokens: 2048}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
-                       ("name: w96, tokens: 4096", "target.tokens=0; give the from-scratch runs a positive token budget")]:
-        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(bad, bad.replace("2048", "-1").replace("4096", "0")))
+    for good, bad, error in [("tokens: 2048}", "tokens: -1}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
+                             ("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
+                             ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)")]:
+        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
         proc = run_cli("-m", "mea.experiment", str(spec))
         assert proc.returncode == 2 and error in proc.stderr, proc.stderr
         assert not (tmp_path / "runs").exists()
@@ -70,9 +72,20 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     for arm, losses in finals.items():  # the table's numbers are the runs' own
         row = re.search(rf"\| {arm} \| 2 \| ([\d.]+) ± ", report)
         assert row and abs(float(row.group(1)) - sum(losses) / 2) < 1e-4
+    fit = json.loads((tmp_path / "runs" / "fit" / "fit.json").read_text())
+    for arm, g in fit["groups"].items():  # how many sizes each law rests on, and why any was left out
+        assert re.search(rf"^\| {arm} \| [^\n]* \| {sum('lr' in c for c in g['cells'])} of 2 \| ", report, re.M), arm
+    assert all(f"> {m}" in report for m in fit["messages"])
     second = json.loads((tmp_path / "runs" / "compare-second" / "mha" / "s0" / "summary.json").read_text())  # its own, shorter budget
     assert "Each run: 16 steps, 4,096 tokens: " in report and f"Each run: 8 steps, 2,048 tokens: {second['passes']:.1f} passes over" in report
     assert "**MEA reaches a lower validation loss than the Transformer.**" in report and "**MEA tolerates larger learning rates.**" in report
+    def lr_of(run):
+        return next(o for o in (run / ".hydra" / "overrides.yaml").read_text().splitlines() if "optim.lr=" in o)
+
+    at_mha_lr = [tmp_path / "runs" / "lr-check" / "mha_gqa-at-mha-lr" / f"s{s}" for s in (0, 1)]  # mha_gqa trained at mha's LR
+    assert {lr_of(run) for run in at_mha_lr} == {lr_of(tmp_path / "runs" / "compare-main" / "mha" / "s0")}
+    check = re.search(r"\*\*Checked: did its law's LR handicap mha_gqa\?\*\* Trained at mha's LR \([\d.e-]+\) instead of its own \([\d.e-]+\): ([\d.]+) ± ", report)
+    assert check and abs(float(check.group(1)) - sum(json.loads((run / "summary.json").read_text())["final_val_loss"] for run in at_mha_lr) / 2) < 1e-4
     virtual = re.search(r"\*\*At half the KV cache, MEA's virtual heads beat grouped-query attention \(both trained from scratch\)\.\*\* Δ\(mea_virtual − mha_gqa\) = ([+-][\d.]+)", report)
     assert virtual and abs(float(virtual.group(1)) - (sum(finals["mea_virtual"]) - sum(finals["mha_gqa"])) / 2) < 2e-4
     for arm in ("mha_gqa", "mea_virtual"):  # trained with half the heads stored
@@ -170,10 +183,15 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
 
     rows = [arm("mha", 3.70), arm("mha_gn", 3.68), arm("mea", 3.60), arm("diff", 3.75), arm("diff_nonorm", 3.72),
             arm("mha_gqa", 3.80), arm("mea_virtual", 3.62, std=0.2)]
-    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {})
+    check = {"other": "mha", "lr": 2e-3, "own_lr": 1e-3, "row": arm("mha_gqa", 3.64)}
+    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {"mha_gqa": check})
     assert "**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees." in said
     assert "Δ(mha_gn) = -0.0200 against Δ(mea) = -0.1000 (share 0.20): agrees" in said[1]
     assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
     # 0.18 apart, but mea_virtual's seeds spread 0.2: the standard error is 0.116, so the claim is within noise
     assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors). What halving the cache costs each against its full-cache arm: "
-            "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors).") in said[3]
+            "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors). "
+            "Against mha_gqa trained at mha's LR (0.002): Δ = -0.0200, within noise (|Δ| ≤ 2 standard errors).") in said[3]
+    # trained at mha's LR, mha_gqa is 0.16 lower, 8 standard errors apart: its own law's LR handicapped it
+    assert said[4] == ("**Checked: did its law's LR handicap mha_gqa?** Trained at mha's LR (0.002) instead of its own (0.001): 3.6400 ± 0.0100 against "
+                       "3.8000 ± 0.0100 (3 vs 3 seeds): Δ = -0.1600, its own law's LR handicapped it: read the claims on mha_gqa with this.")
