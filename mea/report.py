@@ -107,8 +107,9 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
     diff, nonorm = row_of(rows, "diff"), row_of(rows, "diff_nonorm")
     if diff and nonorm and base:
         gap, gap_nonorm = diff["final_val_loss"] - base["final_val_loss"], nonorm["final_val_loss"] - base["final_val_loss"]
+        closer = abs(gap_nonorm) - abs(gap)  # the two arms' distance apart is what the seeds must resolve
         out.append(f"**DFA without its norm drifts toward standard attention.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
-                   f"{'agrees' if abs(gap_nonorm) < abs(gap) else 'disagrees'} (the loss of diff without norm is {'closer to' if abs(gap_nonorm) < abs(gap) else 'further from'} the baseline's).")
+                   f"{verdict(closer, standard_error(diff, nonorm))} (the loss of diff without norm is {'closer to' if closer < 0 else 'further from'} the baseline's).")
     virtual, gqa = row_of(rows, "mea_virtual"), row_of(rows, "mha_gqa")
     if virtual and gqa:
         delta = virtual["final_val_loss"] - gqa["final_val_loss"]

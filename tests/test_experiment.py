@@ -188,6 +188,9 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     assert "**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees." in said
     assert "Δ(mha_gn) = -0.0200 against Δ(mea) = -0.1000 (share 0.20): agrees" in said[1]
     assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
+    rows[4] = arm("diff_nonorm", 3.72, std=0.05)  # seeds 0.05 apart: 0.03 closer is within noise
+    assert "diff without norm +0.0200: within noise (|Δ| ≤ 2 standard errors) (the loss of diff without norm is closer to" in claims(
+        SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {})[2]
     # 0.18 apart, but mea_virtual's seeds spread 0.2: the standard error is 0.116, so the claim is within noise
     assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors). What halving the cache costs each against its full-cache arm: "
             "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors). "
