@@ -112,6 +112,14 @@ def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str
     return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={group or p.name}"]
 
 
+def train_seeds(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> list[Path]:
+    """One from-scratch run of the arm per seed, in root/s<seed>; their directories."""
+    dirs = [root / f"s{seed}" for seed in seeds]
+    for run_dir, seed in zip(dirs, seeds):
+        train(run_dir, target_overrides(p, arm, lr, seed, data, tokens, group))
+    return dirs
+
+
 def target_size(p: Protocol) -> float:
     cfg = OmegaConf.to_object(compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides]).model)
     cfg.vocab_size = 8  # non-embedding parameters do not depend on it
@@ -214,8 +222,8 @@ def check(p: Protocol) -> None:
             raise SweepError(f"lr_checks: {{{arm}: {other}}} must name two different arms ({', '.join(arms)})")
     c = p.compression
     if c.arm not in arms:
-        raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(p.sweep.arm_overrides())})")
-    cfg = compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *p.sweep.arm_overrides()[c.arm]])
+        raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(arms)})")
+    cfg = compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *arms[c.arm]])
     if cfg.attention.name not in CONVERTIBLE:
         raise SweepError(f"compression.arm={c.arm} is attention={cfg.attention.name}; conversion to stored heads takes an mha or mea arm")
     if not all(1 <= g < cfg.model.n_heads for g in c.kv_heads):
@@ -239,21 +247,13 @@ def run(p: Protocol) -> Path:
     corpora = {"main": ([], p.target.seeds, p.target.tokens)} | ({"second": (second.data, second.seeds, second.tokens or p.target.tokens)} if second.data else {})
     comparisons = {}
     for corpus, (data, seeds, tokens) in corpora.items():
-        dirs = []
-        for arm, chosen in lrs.items():
-            for seed in seeds:
-                run_dir = out / f"compare-{corpus}" / arm / f"s{seed}"
-                train(run_dir, target_overrides(p, arm, chosen["lr"], seed, data, tokens))
-                dirs.append(run_dir)
+        dirs = [d for arm, chosen in lrs.items() for d in train_seeds(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)]
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
     lr_checks = {}
     for arm, other in p.lr_checks.items():
-        name = f"{arm}-at-{other}-lr"
-        dirs = [out / "lr-check" / name / f"s{seed}" for seed in p.target.seeds]
-        for run_dir, seed in zip(dirs, p.target.seeds):
-            train(run_dir, target_overrides(p, arm, lrs[other]["lr"], seed, [], p.target.tokens, group=f"{p.name}-lr-check"))  # apart from the comparison's W&B group
-        row = compare(dirs, out / "report-lr-check" / name, arm)["rows"][0]
-        lr_checks[arm] = {"other": other, "lr": lrs[other]["lr"], "own_lr": lrs[arm]["lr"], "row": row}
+        name = f"{arm}-at-{other}-lr"  # in a W&B group apart from the comparison's, which keeps one LR per arm
+        dirs = train_seeds(p, out / "lr-check" / name, arm, lrs[other]["lr"], p.target.seeds, [], p.target.tokens, group=f"{p.name}-lr-check")
+        lr_checks[arm] = {"other": other, "row": compare(dirs, out / "report-lr-check" / name, arm)["rows"][0]}
     common = [*p.sweep.overrides, *p.target.overrides]
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
     compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])

@@ -122,7 +122,7 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                 f"{verdict(delta, standard_error(virtual, gqa))}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
         if check := lr_checks.get("mha_gqa"):
             fair = virtual["final_val_loss"] - check["row"]["final_val_loss"]
-            said += f" Against mha_gqa trained at {check['other']}'s LR ({check['lr']:.3g}): Δ = {fair:+.4f}, {verdict(fair, standard_error(virtual, check['row']))}."
+            said += f" Against mha_gqa trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}): Δ = {fair:+.4f}, {verdict(fair, standard_error(virtual, check['row']))}."
         out.append(said)
     if len(compression) > 1:
         control = compression[0]  # the uncompressed model after the same continued pretraining
@@ -137,7 +137,7 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
             d = at["final_val_loss"] - own["final_val_loss"]
             reading = ("within noise (|Δ| ≤ 2 standard errors)" if within_noise(d, standard_error(at, own))
                        else f"its own law's LR handicapped it: read the claims on {arm} with this" if d < 0 else "its own law's LR is the better one")
-            out.append(f"**Checked: did its law's LR handicap {arm}?** Trained at {check['other']}'s LR ({check['lr']:.3g}) instead of its own ({check['own_lr']:.3g}): "
+            out.append(f"**Checked: did its law's LR handicap {arm}?** Trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}) instead of its own ({lrs[arm]['lr']:.3g}): "
                        f"{at['final_val_loss']:.4f} ± {at['final_val_loss_std']:.4f} against {own['final_val_loss']:.4f} ± {own['final_val_loss_std']:.4f} "
                        f"({at['seeds']} vs {own['seeds']} seeds): Δ = {d:+.4f}, {reading}.")
     return out

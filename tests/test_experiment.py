@@ -183,8 +183,8 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
 
     rows = [arm("mha", 3.70), arm("mha_gn", 3.68), arm("mea", 3.60), arm("diff", 3.75), arm("diff_nonorm", 3.72),
             arm("mha_gqa", 3.80), arm("mea_virtual", 3.62, std=0.2)]
-    check = {"other": "mha", "lr": 2e-3, "own_lr": 1e-3, "row": arm("mha_gqa", 3.64)}
-    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {"mha_gqa": check})
+    lrs = {"mha": {"lr": 2e-3}, "mha_gqa": {"lr": 1e-3}}
+    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {}, {"mha_gqa": {"other": "mha", "row": arm("mha_gqa", 3.64)}})
     assert "**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees." in said
     assert "Δ(mha_gn) = -0.0200 against Δ(mea) = -0.1000 (share 0.20): agrees" in said[1]
     assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
