@@ -2,6 +2,7 @@
 
 Several processes: `torchrun --nproc_per_node 8 train.py deepspeed=zero2 ...`.
 """
+import signal
 import sys
 
 import hydra
@@ -17,15 +18,22 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from mea.train import TrainingError, run
+    from mea.train import Diverged, StopFlag, TrainingError, run
 
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        run(cfg)
+        if StopFlag.received is None:
+            run(cfg)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)  # a diverged run of a sweep is recorded in its summary; the sweep goes on
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, TrainingError) and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return  # a diverged run of a sweep is recorded in its summary; the sweep goes on
         sys.exit(2)
+    if multirun and StopFlag.received is not None:  # SystemExit passes Hydra's launcher: no further job starts
+        print(f"stopped by {signal.Signals(StopFlag.received).name} after this run saved; the same command resumes the sweep", file=sys.stderr)
+        sys.exit(128 + StopFlag.received)
 
 
 if __name__ == "__main__":

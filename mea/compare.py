@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from mea.plotting import plt, save_figure
+from mea.run_directory import describe
 from mea.runs import Run, RunError, read_run
 from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
 
@@ -77,6 +78,10 @@ def check_comparable(runs: list[Run]) -> list[str]:
     budgets = {run.summary.get("tokens") for run in runs}
     if len(budgets) > 1:
         notes.append(f"the runs saw different token budgets ({', '.join(map(str, sorted(budgets)))}); final losses compare unequal training")
+    for run in runs:
+        for amendment in run.amendments:
+            changes = {k: tuple(v) for k, v in amendment["changes"].items()}
+            notes.append(f"{run.path} was amended at step {amendment['step']} ({describe(changes)}); its curve is not one config's")
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes

@@ -75,6 +75,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     resume: bool = True  # continue from the run directory's latest checkpoint
     resume_from: str | None = None  # or from this checkpoint folder
+    amend: list[str] = field(default_factory=list)  # identity keys this start may change on an existing run directory (recorded)
     init_from: str | None = None  # start from an exported model (mea-export, mea-compress): its weights, model and attention config
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     peak_tflops: float | None = None  # for MFU on GPU; None = known devices' dense bf16 peak
@@ -141,7 +142,7 @@ CHOICES = {
     "logger.mode": ("online", "offline", "disabled"),
 }
 
-POSITIVE = ("data.vocab_size", "data.seq_len", "data.shard_tokens", "trainer.max_steps", "trainer.global_batch", "optim.lr")
+POSITIVE = ("data.vocab_size", "data.seq_len", "data.shard_tokens", "trainer.max_steps", "trainer.global_batch", "trainer.keep_checkpoints", "optim.lr")
 
 
 def validate(cfg: DictConfig | Any, only: str | None = None) -> None:

@@ -28,8 +28,8 @@ from mea.export import export, load_pretrained
 from mea.kv_report import kv_bytes_per_token
 from mea.models import LM
 from mea.models.attention.mha import MHAConfig
-from mea.runs import made_with, same_overrides
-from mea.scaling.sweep import ROOT, SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, read_results, run_sweep, trained
+from mea.run_directory import RunDirectory, describe
+from mea.scaling.sweep import ROOT, SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, planned_identity, read_results, run_sweep, trained
 
 
 @dataclass
@@ -95,9 +95,8 @@ def load_protocol(path: Path) -> Protocol:
 
 def train(run_dir: Path, overrides: list[str]) -> dict:
     """One training run as a subprocess (resumes or skips by itself); its summary."""
-    if (old := made_with(run_dir)) is not None and not same_overrides(old, overrides):
-        was, now = [o for o in old if o not in overrides], [o for o in overrides if o not in old]
-        raise SweepError(f"{run_dir} was made with {' '.join(was) or 'other overrides'} but the spec now asks {' '.join(now) or 'fewer'}; give the experiment a new `out` or delete that run")
+    if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
+        raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
     if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
         code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
         if code != 0 and not (run_dir / "summary.json").is_file():

@@ -40,7 +40,7 @@ from mea.models.init import InitConfig
 from mea.plotting import plt, save_figure
 from mea.runs import read_run
 from mea.scaling.plots import LINESTYLES
-from mea.scaling.sweep import SweepError, SweepSpec, collect, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
+from mea.scaling.sweep import SweepError, SweepSpec, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
 
 
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     try:
         spec = load_spec(args.spec)
-        results = collect(Path(spec.out)) if args.report_only else run_sweep(spec, only_sizes=args.size)
+        results = run_sweep(spec, collect_only=args.report_only, only_sizes=args.size)
         rows, settings = audit_rows(results)
         runs = seed_runs(spec, rows, args.seeds, Path(spec.out), args.seed_arms, train_missing=not args.report_only)
         path = write_report(spec, rows, settings, runs, args.reference, args.report, started)

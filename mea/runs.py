@@ -7,9 +7,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-
 from mea.config import TrainConfig, load_config
+from mea.run_directory import RunDirectory
 
 
 class RunError(ValueError):
@@ -22,12 +21,6 @@ def made_with(run_dir: Path) -> list[str] | None:
 
     record = run_dir / ".hydra" / "overrides.yaml"
     return list(yaml.safe_load(record.read_text())) if record.is_file() else None
-
-
-def same_overrides(a: list[str], b: list[str]) -> bool:
-    """Equal as Hydra reads them: a multirun records each job's overrides re-written (`false` as `False`)."""
-    parse = OverridesParser.create().parse_overrides
-    return [(o.get_key_element(), o.value()) for o in parse(a)] == [(o.get_key_element(), o.value()) for o in parse(b)]
 
 
 def code_version() -> str:
@@ -53,6 +46,11 @@ class Run:
     def variant(self) -> str:
         """The arm the run is compared under (attention.name unless `arm` was set)."""
         return self.config.label
+
+    @property
+    def amendments(self) -> list[dict]:
+        """Changes of identity the run trained through (trainer.amend), in the order they were made."""
+        return RunDirectory(self.path).amendments()
 
     @property
     def data_key(self) -> str:

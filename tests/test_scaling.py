@@ -2,6 +2,10 @@
 import csv
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +13,11 @@ import pytest
 
 from mea.compare import best_runs
 from mea.report import largest_size_runs
+from mea.run_directory import RunDirectory
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
 from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 
 def write_csv(path, rows):
@@ -147,8 +152,16 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
     again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)  # resumed: no multirun is started
     assert again.returncode == 0 and again.stdout.count("every run is already done") == 2 and "Launching" not in again.stdout + again.stderr
     spec.write_text(spec.read_text().replace("trainer.log_every=4", "trainer.log_every=2"))
-    changed = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)  # other overrides: the multiruns start, train.py decides
-    assert changed.returncode == 0 and "every run is already done" not in changed.stdout and changed.stdout.count("is already done (") == 6
+    relogged = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)  # logging decides nothing: the same runs
+    assert relogged.returncode == 0 and relogged.stdout.count("every run is already done") == 2, relogged.stderr[-3000:]
+    results_before = (tmp_path / "out" / "results.csv").read_text()
+    spec.write_text(spec.read_text().replace("scheduler.warmup_steps=2", "scheduler.warmup_steps=3"))
+    for extra in ([], ["--collect-only"]):  # another schedule: the runs are not the spec's any more, and never collected
+        changed = run_cli("sweeps/lr_sweep.py", str(spec), *extra, timeout=900)
+        assert changed.returncode == 2 and "6 run(s) under" in changed.stderr and "scheduler.warmup_steps: 2 recorded, 3 now" in changed.stderr, changed.stderr
+        assert len(changed.stderr.strip().splitlines()) == 1 and "Launching" not in changed.stdout
+    assert (tmp_path / "out" / "results.csv").read_text() == results_before
+    spec.write_text(spec.read_text().replace("scheduler.warmup_steps=3", "scheduler.warmup_steps=2"))
     fit = run_cli("sweeps/fit.py", "lr-law", str(tmp_path / "out" / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
     assert fit.returncode == 0, fit.stderr
     assert (tmp_path / "fit" / "fit.json").is_file() and (tmp_path / "fit" / "lr_curves.png").is_file()
@@ -273,3 +286,26 @@ def test_three_runs_give_the_bracketing_lrs_as_the_interval_not_a_zero_width_one
     assert 2.15e-3 < opt.lr < 1e-2 and opt.ci == pytest.approx((2.15e-3, 1e-2))
     seeds = lr_optimum(np.repeat(lrs, 2), np.array([3.708, 3.71, 3.358, 3.37, 3.337, 3.33, 3.356, 3.35, 3.704, 3.70]), "two seeds")
     assert 2.15e-3 < seeds.ci[0] < seeds.lr < seeds.ci[1] < 1e-2  # replicate seeds: the bootstrap has noise to resample
+
+
+def test_a_stop_signal_ends_a_local_sweep_after_its_run_saved_and_the_same_command_resumes(tmp_path):
+    """SIGTERM, or Ctrl-C (SIGINT), to mea-sweep: the run in progress saves a checkpoint, the multirun starts no
+    further job, no further multirun starts, and running the spec again finishes it."""
+    spec = tmp_path / "mini.yaml"
+    spec.write_text(MINI.replace("OUT", str(tmp_path / "out")).replace("tokens: 6144", "tokens: 30720"))  # 120 steps a run
+    runs = [tmp_path / "out" / size / "mea" / f"lr{lr}-s0" for size in ("w32", "w64") for lr in (0.001, 0.01, 0.1)]
+    for sig, stopped_in in ((signal.SIGTERM, runs[0]), (signal.SIGINT, runs[1])):
+        proc = subprocess.Popen([sys.executable, "sweeps/lr_sweep.py", str(spec)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ((stopped_in / "metrics.jsonl").is_file() and (stopped_in / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + sig, err[-3000:]
+        assert f"stopped by {sig.name} after the run in progress saved" in err
+        assert RunDirectory(stopped_in).checkpoints() and not (stopped_in / "summary.json").exists()
+        assert not any((later / "metrics.jsonl").exists() for later in runs[runs.index(stopped_in) + 1 :])
+    again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)
+    assert again.returncode == 0 and again.stdout.count("resuming from") == 1, again.stderr[-3000:]  # the second stop's run; the first resumed before it
+    assert sum(1 for _ in open(tmp_path / "out" / "results.csv")) == 7

@@ -16,6 +16,7 @@ from safetensors.torch import load_model
 
 from mea.config import TrainConfig
 from mea.models import LM
+from mea.run_directory import RunDirectory
 from mea.train import checkpoint
 from mea.train.engine import PlainEngine, free_port
 
@@ -113,7 +114,7 @@ def test_sigkill_and_resume_gives_the_same_curve_bitwise(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout
     assert curve(tmp_path / "killed") == curve(tmp_path / "whole")
-    assert len(checkpoint.checkpoints(tmp_path / "killed")) == 2  # trainer.keep_checkpoints
+    assert len(RunDirectory(tmp_path / "killed").checkpoints()) == 2  # trainer.keep_checkpoints
 
 
 def test_zero3_kill_and_resume_on_two_processes(tmp_path, single_process):
@@ -139,7 +140,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_under_the_same_wandb_run(tmp_pa
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stop signal: saved" in out
-    (saved,) = checkpoint.checkpoints(tmp_path)
+    (saved,) = RunDirectory(tmp_path).checkpoints()
     step = checkpoint.read_state(saved)["step"]
     assert 5 <= step < 60
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -162,7 +163,7 @@ def test_a_save_interrupted_at_any_stage_leaves_the_previous_checkpoint_loadable
     engine = plain_engine(tmp_path)
     x = torch.randint(0, 64, (8, 16))
     engine.train_step(x, x)
-    good = checkpoint.save(engine, tmp_path, {"step": 1}, keep=1)
+    good = checkpoint.save(engine, RunDirectory(tmp_path), {"step": 1}, keep=1)
     engine.train_step(x, x)
     complete = tmp_path / "complete"
     complete.mkdir()
@@ -174,11 +175,11 @@ def test_a_save_interrupted_at_any_stage_leaves_the_previous_checkpoint_loadable
         tmp.mkdir()
         for name in files:
             (tmp / name).write_bytes((complete / name).read_bytes()[: len((complete / name).read_bytes()) // 2])
-        assert checkpoint.find_resume_point(tmp_path, True, None) == good
+        assert checkpoint.find_resume_point(RunDirectory(tmp_path), True, None, rank=0) == good
         fresh = plain_engine(tmp_path)
         assert checkpoint.load(fresh, good)["step"] == 1
-    assert checkpoint.save(engine, tmp_path, {"step": 2}, keep=1).name == "step-0000002"  # the stale temp is replaced
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-0000002"]
+    assert checkpoint.save(engine, RunDirectory(tmp_path), {"step": 2}, keep=1).name == "step-0000002"  # the stale temp is replaced
+    assert [p.name for p in RunDirectory(tmp_path).checkpoints()] == ["step-0000002"]
 
 
 def test_a_non_finite_loss_skips_the_step(tmp_path):
@@ -239,7 +240,10 @@ def test_resume_with_another_model_shape_is_refused(single_process, tmp_path):
     shutil.copytree(single_process, run_dir)
     proc = run_cli("train.py", *RUN, "model.n_layers=2", "trainer.max_steps=30", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2
-    assert "does not fit this config (model.n_layers: checkpoint 4 vs config 2)" in proc.stderr
+    assert "holds another run (model.n_layers: 4 recorded, 2 now, trainer.max_steps: 20 recorded, 30 now)" in proc.stderr
+    other = tmp_path / "other"  # another run's checkpoint, given by hand
+    proc = run_cli("train.py", *RUN, "model.n_layers=2", f"trainer.resume_from={run_dir}/checkpoints/step-0000020", f"hydra.run.dir={other}")
+    assert proc.returncode == 2 and "does not fit this config (model.n_layers: checkpoint 4 vs config 2)" in proc.stderr
 
 
 def test_several_processes_need_deepspeed(tmp_path):
@@ -258,6 +262,21 @@ def test_torch_compile_trains_to_the_same_curve(single_process, tmp_path):
     proc = run_cli("train.py", *RUN, "trainer.compile=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_curves_close(single_process, tmp_path, rel=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["mha", "mha_gn", "mea", "diff", "tha"])
+def test_bf16_on_cpu_runs_under_autocast_and_tracks_fp32(variant, tmp_path):
+    """trainer.precision=bf16 on a CPU trains under CPU autocast (bf16 matmuls, the GPU's mixed-precision path):
+    not bitwise the fp32 run, within 1% of its losses over 20 steps."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        proc = run_cli("train.py", *RUN, f"attention={variant}", f"trainer.precision={precision}", f"hydra.run.dir={tmp_path / precision}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[precision] = rows(tmp_path / precision)
+    fp32, bf16 = ([r["loss"] for r in runs[p]] for p in ("fp32", "bf16"))
+    assert bf16 != fp32
+    assert bf16 == pytest.approx(fp32, rel=1e-2)
+    assert runs["bf16"][-1]["val_loss"] == pytest.approx(runs["fp32"][-1]["val_loss"], rel=1e-2)
 
 
 @pytest.mark.cuda

@@ -6,7 +6,9 @@
     mea-sweep sweeps/example.yaml --size tiny64   # one size only: sizes side by side in processes of their own
 
 Each (variant, size, lr, seed) run has a fixed directory `<out>/<size>/<variant>/lr<lr>-s<seed>`, so running the
-spec again skips what finished (or diverged) and resumes what failed from its checkpoint.
+spec again skips what finished (or diverged) and resumes what failed from its checkpoint. A run folder whose
+recorded identity (mea.run_directory) differs from what the spec now asks stops the sweep before anything runs,
+naming it, and is never collected. SIGTERM or Ctrl-C stops the sweep once the run in progress has saved.
 """
 from __future__ import annotations
 
@@ -15,17 +17,20 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.config import ConfigError, compose_config, load_config
-from mea.runs import made_with, same_overrides
+from mea.run_directory import RunDirectory, describe, identity_of
+from mea.train.loop import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
@@ -122,11 +127,30 @@ def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[st
     ]
 
 
-def finished(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path) -> bool:
-    """Every run of the multirun is done, started with exactly these overrides: a resumed sweep skips it rather
-    than start a process per size and arm only to be told so."""
-    runs = {out / size.label / RUN_FOLDER.format(arm=arm, lr=lr, seed=seed): [f"optim.lr={lr}", f"trainer.seed={seed}", *shared] for lr in lr_grid(spec) for seed in spec.seeds}
-    return all((run / "summary.json").is_file() and same_overrides(made_with(run) or [], overrides) for run, overrides in runs.items())
+def planned_identity(overrides: list[str]) -> dict:
+    """The identity train.py will record for these overrides, as far as it is known before the run starts: the
+    corpus's key is left to train.py, and an automatic precision to the machine that trains."""
+    cfg = OmegaConf.to_object(compose_run(overrides))
+    identity = identity_of(resolve(cfg, torch.device("cpu")))
+    if cfg.trainer.precision == "auto":
+        del identity["trainer.precision"]
+    return identity
+
+
+def planned_runs(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path) -> dict[RunDirectory, dict]:
+    """Each run of one multirun (LRs × seeds) and the identity it must hold."""
+    base = planned_identity(shared)
+    return {RunDirectory(out / size.label / RUN_FOLDER.format(arm=arm, lr=lr, seed=seed)): base | {"optim.lr": lr, "trainer.seed": seed}
+            for lr in lr_grid(spec) for seed in spec.seeds}
+
+
+def refuse_foreign_runs(plans: dict[RunDirectory, dict], out: Path) -> None:
+    """Stop, naming them, where runs of the spec's folders hold another identity (the spec changed under them)."""
+    foreign = {run: changes for run, identity in plans.items() if (changes := run.differences(identity))}
+    if foreign:
+        run, changes = next(iter(foreign.items()))
+        raise SweepError(f"{len(foreign)} run(s) under {out} hold another identity than the spec asks (first: {run.path}, {describe(changes)}); "
+                         "give the spec a new `out`, or delete those runs")
 
 
 def smoothed_final_loss(run_dir: Path, share: float = 0.1) -> float:
@@ -151,9 +175,10 @@ def result_row(run_dir: Path) -> dict:
     }
 
 
-def collect(out: Path) -> Path:
-    """results.csv from every finished run under `out`, written atomically."""
-    rows = [result_row(p.parent) for p in sorted(out.glob("*/*/*/summary.json"))]
+def collect(out: Path, plans: dict[RunDirectory, dict]) -> Path:
+    """results.csv from the spec's finished runs that hold the identity it asks, written atomically."""
+    rows = [result_row(run.path) for run, identity in sorted(plans.items(), key=lambda item: item[0].path) if run.holds(identity)]
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"results.csv.{os.getpid()}.tmp"  # sizes run side by side (--size) collect at the same time
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -191,29 +216,69 @@ def best_by_arm(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
+class SweepStopped(SweepError):
+    """A stop signal ended the sweep after the run in progress saved; the same command resumes it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after the run in progress saved; the same command resumes the sweep")
+        self.signum = signum
+
+
+def run_in_turn(commands: list[list[str]]) -> tuple[list[int], int | None]:
+    """Each command's exit code, one after another, and the stop signal if one came. Each multirun runs in a
+    session of its own, so that a stop (SIGTERM, or Ctrl-C at the terminal) reaches it once, as SIGTERM: its
+    run saves a checkpoint, the multirun ends, and no further command starts."""
+    codes, stopped, child = [], None, None
+
+    def stop(signum, frame):
+        nonlocal stopped
+        stopped = signum
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for command in commands:
+            if stopped is not None:
+                break
+            child = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+            codes.append(child.wait())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return codes, stopped
+
+
 def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False, only_sizes: list[str] | None = None) -> Path | None:
     """Run (or resume) every multirun of the spec (of the sizes named in only_sizes, if given), then write
-    results.csv from every finished run under the spec's folder; returns its path (None for a dry run)."""
+    results.csv from the spec's finished runs; returns its path (None for a dry run)."""
     out = Path(spec.out)
     labels = [size.label for size in spec.sizes]
     if unknown := sorted(set(only_sizes or []) - set(labels)):
         raise SweepError(f"--size {' '.join(unknown)}: the spec has no such size; its sizes are {', '.join(labels)}")
-    sizes = [size for size in spec.sizes if not only_sizes or size.label in only_sizes]
-    jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in sizes for arm, overrides in spec.arm_overrides().items()]
+    jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
+    plans = {(size.label, arm): planned_runs(spec, size, arm, shared, out) for size, arm, shared in jobs}
+    jobs = [job for job in jobs if not only_sizes or job[0].label in only_sizes]
     if dry_run:
         for size, arm, shared in jobs:
             print(" ".join(multirun_command(spec, size, arm, shared, out, slurm)))
         return None
-    failed = []
+    every_run = {run: identity for runs in plans.values() for run, identity in runs.items()}
+    refuse_foreign_runs(every_run, out)
+    failed, stopped = [], None
     if not collect_only:
+        to_run = []
         for size, arm, shared in jobs:
-            if finished(spec, size, arm, shared, out):
+            if all(run.holds(identity) for run, identity in plans[size.label, arm].items()):
                 print(f"{size.label}/{arm}: every run is already done")
-            elif subprocess.call(multirun_command(spec, size, arm, shared, out, slurm), cwd=ROOT) != 0:
-                failed.append(f"{size.label}/{arm}")
-    out.mkdir(parents=True, exist_ok=True)
-    results = collect(out)
+            else:
+                to_run.append((f"{size.label}/{arm}", multirun_command(spec, size, arm, shared, out, slurm)))
+        codes, stopped = run_in_turn([command for _, command in to_run])
+        failed = [name for (name, _), code in zip(to_run, codes) if code != 0]
+    results = collect(out, every_run)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
+    if stopped is not None:
+        raise SweepStopped(stopped)
     if failed:
         raise SweepError(f"the multiruns of {', '.join(failed)} failed; run the same command again to resume them")
     return results
@@ -229,6 +294,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run_sweep(load_spec(args.spec), args.slurm, args.collect_only, args.dry_run, args.size)
+    except SweepStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

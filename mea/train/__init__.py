@@ -1,4 +1,5 @@
 """Training: the loop, the engines (plain PyTorch, DeepSpeed), checkpoints, optimizer and schedules, metrics."""
-from .loop import TrainingError, run
+from .errors import Diverged, TrainingError
+from .loop import StopFlag, run
 
-__all__ = ["TrainingError", "run"]
+__all__ = ["Diverged", "StopFlag", "TrainingError", "run"]

@@ -1,22 +1,29 @@
-"""Checkpoints of the full training state, written atomically and kept K deep.
+"""Checkpoints of the full training state: sealed, verified before they are loaded, kept K deep.
 
 `<run_dir>/checkpoints/step-0000100/` holds the engine's files (model and optimizer: safetensors plus a
-weights-only torch file, or DeepSpeed's partitioned files), one RNG file per rank and `trainer_state.json`
-(step, counters, the W&B run id, the model config). It is written under a temporary name and renamed when
-complete, so a kill during a save leaves the previous checkpoint the latest good one.
+weights-only torch file, or DeepSpeed's partitioned files), one RNG file per rank, `trainer_state.json`
+(step, counters, the W&B run id, the model config) and, written last, `manifest.json`: each file's size and
+hash (mea.run_directory.seal). It is written under a temporary name, synced, sealed and renamed when complete,
+so a kill or a full disk during a save leaves the previous checkpoint the latest, and a folder damaged later
+is found by its manifest on resume and passed over.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from mea.config import ConfigError
+from mea.run_directory import CHECKPOINT_FORMAT, RunDirectory, damage, seal, sync_folder
 
 from .engine import Engine
+from .errors import TrainingError
 
 
 def barrier() -> None:
@@ -24,18 +31,31 @@ def barrier() -> None:
         dist.barrier()
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step-*"))
+def from_rank0(value):
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def find_resume_point(run_dir: Path, resume: bool, resume_from: str | None) -> Path | None:
+def failpoint(stage: str, step: int) -> None:
+    """Fault injection for tests/test_faults.py: MEA_FAILPOINT=<stage>@<step> kills this process at that point of a save."""
+    if os.environ.get("MEA_FAILPOINT") == f"{stage}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def find_resume_point(run_dir: RunDirectory, resume: bool, resume_from: str | None, rank: int) -> Path | None:
+    """The checkpoint to resume from, verified by rank 0 and agreed by every rank."""
     if resume_from is not None:
         folder = Path(resume_from)
         if not (folder / "trainer_state.json").is_file():
             raise ConfigError(f"trainer.resume_from={resume_from!r} is not a checkpoint folder (no trainer_state.json); give a <run_dir>/checkpoints/step-* folder")
+        if why := damage(folder):
+            raise ConfigError(f"trainer.resume_from={resume_from!r} is damaged ({why}); give an earlier checkpoint folder")
         return folder
-    found = checkpoints(run_dir) if resume else []
-    return found[-1] if found else None
+    return from_rank0(run_dir.latest_verified() if resume and rank == 0 else None)
 
 
 def read_state(folder: Path) -> dict:
@@ -53,10 +73,20 @@ def check_compatible(folder: Path, state: dict, model: dict, attention: dict, de
         raise ConfigError(f"checkpoint {folder} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; resume with the same deepspeed setting")
 
 
-def save(engine: Engine, run_dir: Path, state: dict, keep: int) -> Path:
-    """Every rank calls this; rank 0 publishes the folder once all ranks have written their part."""
+def every_rank_wrote(error: str | None) -> str | None:
+    """The first rank's write error, on every rank (None when all wrote)."""
+    if not dist.is_initialized():
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def save(engine: Engine, run_dir: RunDirectory, state: dict, keep: int) -> Path:
+    """Every rank calls this; rank 0 seals and publishes the folder once all ranks have written their part."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    final = run_dir / "checkpoints" / f"step-{state['step']:07d}"
+    step = state["step"]
+    final = run_dir.path / "checkpoints" / f"step-{step:07d}"
     if final.exists():
         return final
     tmp = final.with_name(f".tmp-{final.name}")
@@ -64,13 +94,34 @@ def save(engine: Engine, run_dir: Path, state: dict, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save(tmp)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    barrier()
+    error = None
+    try:
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        failpoint("engine-files", step)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk or a quota, as each writer reports it
+        error = str(e).splitlines()[0]
+    error = every_rank_wrote(error)
+    if rank == 0 and error is None:
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "format": CHECKPOINT_FORMAT}, indent=1))
+            failpoint("manifest", step)
+            seal(tmp)
+            failpoint("rename", step)
+            tmp.rename(final)
+            sync_folder(final.parent)
+        except OSError as e:
+            error = str(e).splitlines()[0]
+    error = from_rank0(error)
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = run_dir.checkpoints()
+        raise TrainingError(f"could not write checkpoint {final.name} ({error}); {previous[-1].name if previous else 'no earlier checkpoint'} is intact: "
+                            "free disk space (or raise the quota), then the same command resumes from it")
     if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        tmp.rename(final)
-        for old in checkpoints(run_dir)[:-keep]:
+        failpoint("prune", step)
+        for old in run_dir.checkpoints()[:-keep]:  # the one just sealed is the newest verified, and always kept
             shutil.rmtree(old)
     barrier()
     return final

@@ -27,7 +27,8 @@ from .optim import build_optimizer, build_scheduler
 class Engine:
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, micro_batch: int):
         self.model, self.cfg, self.device, self.micro_batch = model, cfg, device, micro_batch
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.trainer.precision == "bf16" else nullcontext()
+        # bf16 matmuls under autocast on either device: on a CPU the same mixed-precision path a GPU runs
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.precision == "bf16" else nullcontext()
 
     def micro_batches(self, x: torch.Tensor, y: torch.Tensor):
         for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):

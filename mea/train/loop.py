@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
 from tqdm import tqdm
@@ -19,16 +22,15 @@ from mea.config import ConfigError, TrainConfig, validate
 from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
+from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
+from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments, identity_of, write_synced
 from mea.runs import code_version
 
 from . import checkpoint
-from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
 from .engine import Engine, build_engine, describe, setup_distributed
+from .errors import Diverged
 from .metrics import MetricsLogger, peak_flops
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a one-line message that says why and what to change)."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -98,41 +100,75 @@ def dynamics(engine: Engine, windows: TokenWindows) -> dict[str, float]:
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGUSR1 (preemption); all ranks agree on it before acting."""
+    """Set by SIGTERM, SIGUSR1 (preemption) or Ctrl-C (a second one interrupts at once); all ranks agree on it
+    before acting. The signal stays recorded for the process (`StopFlag.received`): a multirun ends after the run
+    that saw it (train.py) instead of going on to the next."""
+
+    received: int | None = None
 
     def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._set)
 
-    def _set(self, signum, frame) -> None:
-        self.raised = True
+    @classmethod
+    def _set(cls, signum, frame) -> None:
+        if signum == signal.SIGINT and cls.received is not None:
+            raise KeyboardInterrupt
+        cls.received = signum
 
     def agreed(self) -> bool:
-        if not dist.is_initialized():
-            return self.raised
-        flag = torch.tensor([float(self.raised)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([float(StopFlag.received is not None)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
+@contextmanager
+def sole_writer(run_dir: RunDirectory, rank: int):
+    """Rank 0 holds the run directory's lease for the run's life; every rank stops if it cannot."""
+    lease, refusal = run_dir.lease() if rank == 0 else None, None
+    if lease is not None:
+        try:
+            lease.__enter__()
+        except RunDirectoryError as e:
+            refusal = str(e)
+    if refusal := checkpoint.from_rank0(refusal):
+        raise RunDirectoryError(refusal)
+    try:
+        yield
+    finally:
+        if lease is not None:
+            lease.__exit__(None, None, None)
+
+
 def run(dict_cfg: DictConfig) -> dict:
-    """Train one model as the config says; the run directory receives config, metrics, checkpoints, summary."""
+    """Train one model as the config says, in a run directory that holds this run alone (mea.run_directory)."""
     validate(dict_cfg)
     device = pick_device(dict_cfg.trainer.device)
     if device.type == "cpu":
         keep_freed_memory()
     cfg = resolve(OmegaConf.to_object(dict_cfg), device)
-    tc = cfg.trainer
+    check_amendments(cfg)
+    run_dir = RunDirectory(cfg.run_dir)
+    amended = run_dir.check(identity_of(cfg), cfg.trainer.amend)  # before any compute; the corpus's key is checked once it is known
     rank, world_size = setup_distributed(cfg, device)
-    micro = micro_batch_size(cfg, world_size)
-    run_dir = Path(cfg.run_dir)
-    done_before = finished_summary(run_dir, tc.max_steps)
+    done_before = finished_summary(run_dir.path, cfg.trainer.max_steps)
     if done_before is not None:
+        if amended:
+            raise RunDirectoryError(f"{run_dir.path} is finished; amending {', '.join(amended)} changes nothing it trained: raise trainer.max_steps too, or give a new hydra.run.dir")
         if rank == 0:
-            print(f"{run_dir} is already done ({'diverged' if done_before.get('diverged') else f'{tc.max_steps} steps'}); raise trainer.max_steps to train on")
+            print(f"{run_dir.path} is already done ({'diverged' if done_before.get('diverged') else f'{cfg.trainer.max_steps} steps'}); "
+                  "raise trainer.max_steps to train on (with trainer.amend=[trainer.max_steps] where the schedule depends on it)")
         return done_before
-    resume_point = checkpoint.find_resume_point(run_dir, tc.resume, tc.resume_from)
+    with sole_writer(run_dir, rank):
+        return train(cfg, run_dir, device, rank, world_size)
+
+
+def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: int, world_size: int) -> dict:
+    """The training run proper: data, model, engine, resume, the loop, the summary."""
+    tc = cfg.trainer
+    micro = micro_batch_size(cfg, world_size)
+    resume_point = checkpoint.find_resume_point(run_dir, tc.resume, tc.resume_from, rank)
     if resume_point is not None:
         saved = checkpoint.read_state(resume_point)
         checkpoint.check_compatible(resume_point, saved, asdict(cfg.model), asdict(cfg.attention), cfg.deepspeed.enabled)
@@ -145,6 +181,10 @@ def run(dict_cfg: DictConfig) -> dict:
     torch.manual_seed(tc.seed)
     model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
     cfg = replace(cfg, model=model.cfg, arm=cfg.label)  # W&B groups runs by config.arm
+    identity = identity_of(cfg, corpus.path.name)
+    amended = run_dir.check(identity, tc.amend)
+    if rank == 0:
+        run_dir.record(identity, amended, saved["step"] if resume_point is not None else 0)
     if tc.init_from is not None and resume_point is None:
         load_model(model, str(Path(tc.init_from) / "model.safetensors"))
     engine = build_engine(model, cfg, device, micro, world_size)
@@ -159,10 +199,11 @@ def run(dict_cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     run_name = f"{cfg.label}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
     tags = (f"variant:{cfg.label}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{tc.seed}")  # W&B filters by these
-    metrics = MetricsLogger(run_dir, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"], tags=tags)
+    metrics = MetricsLogger(run_dir.path, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"], tags=tags)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        save_hydra_record(run_dir.path / ".hydra")
         print(f"{cfg.label} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) · {describe(engine)} · {world_size} process(es) on {device}")
         if resume_point is not None:
             print(f"resuming from {resume_point} at step {state['step']}")
@@ -191,13 +232,13 @@ def run(dict_cfg: DictConfig) -> dict:
             bad_in_a_row += 1
             state["bad_steps_total"] += 1
             if bad_in_a_row >= tc.max_bad_steps:
-                kept = checkpoint.checkpoints(run_dir)
+                kept = run_dir.checkpoints()
                 if rank == 0:  # a diverged run is a result too (an LR sweep records it), not a crash to retry
-                    write_json(run_dir / "summary.json", {"variant": cfg.label, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
+                    write_json(run_dir.path / "summary.json", {"variant": cfg.label, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
                                                           "params": params["total"], "non_embedding_params": params["non_embedding"], "final_train_loss": float("nan"),
-                                                          "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir),
+                                                          "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir.path),
                                                           "code": code_version()})
-                raise TrainingError(
+                raise Diverged(
                     f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {done}); stopped, last good checkpoint: "
                     f"{kept[-1] if kept else 'none'}; lower optim.lr or raise trainer.max_bad_steps"
                 )
@@ -236,11 +277,11 @@ def run(dict_cfg: DictConfig) -> dict:
             metrics.close({})
             return {"preempted": True, "step": done, "checkpoint": str(saved_at)}
 
-    final = checkpoint.checkpoints(run_dir)[-1]
+    final = run_dir.checkpoints()[-1]
     summary = {}
     if rank == 0:
         tokenizer = corpus.tokenizer
-        (run_dir / "model.safetensors").write_bytes((final / "model.safetensors").read_bytes())
+        publish_copy(final / "model.safetensors", run_dir.path / "model.safetensors")
         wall = wall_before + time.perf_counter() - start_time
         summary = {
             "variant": cfg.label,
@@ -256,14 +297,14 @@ def run(dict_cfg: DictConfig) -> dict:
             "wall_time_s": wall,
             "tokens_per_s": (tc.max_steps - start_step) * tokens_per_step / (time.perf_counter() - start_time),
             "world_size": world_size,
-            "run_dir": str(run_dir),
+            "run_dir": str(run_dir.path),
             "data": corpus.path.name,
             "code": code_version(),
-            "sample": generate_sample(run_dir / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
+            "sample": generate_sample(run_dir.path / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
         }
-        write_json(run_dir / "summary.json", summary)
+        write_json(run_dir.path / "summary.json", summary)
         print(f"final train loss {summary['final_train_loss']:.4f} · val loss {summary['final_val_loss']:.4f} · perplexity {math.exp(summary['final_val_loss']):.1f}")
-        print(f"run directory: {run_dir}")
+        print(f"run directory: {run_dir.path}")
         print(f"sample: {summary['sample']!r}")
     metrics.close(summary)
     checkpoint.barrier()
@@ -279,10 +320,24 @@ def finished_summary(run_dir: Path, max_steps: int) -> dict | None:
     return summary if summary.get("diverged") or summary.get("steps") == max_steps else None
 
 
+def save_hydra_record(folder: Path) -> None:
+    """Hydra's own record of the start (its overrides and settings), written only once the run directory has
+    accepted it, so a refused start leaves the record of the run it refused untouched."""
+    if HydraConfig.initialized():
+        folder.mkdir(exist_ok=True)
+        OmegaConf.save(HydraConfig.get().overrides.task, folder / "overrides.yaml")
+        OmegaConf.save({"hydra": HydraConfig.get()}, folder / "hydra.yaml")
+
+
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_synced(path, json.dumps(data, indent=1))
+
+
+def publish_copy(source: Path, target: Path) -> None:
+    """Copy a file into place whole or not at all."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
 
 
 def generate_sample(weights: Path, cfg: TrainConfig, tokenizer, prompt: str, n_tokens: int) -> str:

@@ -143,7 +143,7 @@ class NormThenProject(torch.autograd.Function):
         o32 = at_least_float32(o)
         n32 = (o32 - mean).mul_(rstd) if ctx.center else o32 * rstd
         n = n32.to(o.dtype)
-        dn = (g_BTC @ w.to(g_BTC.dtype)).view(o.shape)
+        dn = (g_BTC @ w.to(g_BTC.dtype)).view(o.shape).to(o.dtype)  # CPU autocast does not reach into backward: cast by hand
         dw = g_BTC.flatten(0, -2).t() @ n.flatten(-2).flatten(0, -2).to(g_BTC.dtype)
         if ctx.center:
             do = torch.ops.aten.native_layer_norm_backward(dn, o, width, mean, rstd, None, None, [True, False, False])[0]
