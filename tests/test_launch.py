@@ -7,6 +7,7 @@ import time
 
 import psutil
 
+from mea.run_directory import RunDirectory
 from mea.train import checkpoint
 from mea.train.engine import free_port
 
@@ -79,7 +80,9 @@ def test_bad_shapes_missing_tools_and_busy_ports(tmp_path):
     assert shape.returncode == 2 and "24 ranks cannot split a global batch of 64 sequences" in shape.stderr
     no_ds = run_cli(LAUNCH, "torchrun", "--nodes", "2", "--run-dir", str(tmp_path), "--dry-run", "--", "trainer.global_batch=16")
     assert no_ds.returncode == 2 and "add deepspeed=zero1" in no_ds.stderr
-    no_sbatch = run_cli(LAUNCH, "slurm", "--nodes", "2", "--run-dir", str(tmp_path), "--", "deepspeed=zero2", "trainer.global_batch=16", env={"PATH": "/usr/bin:/bin"})
+    empty_bin = tmp_path / "empty-bin"  # a PATH without sbatch, whatever this machine has installed (Debian's is /usr/bin/sbatch)
+    empty_bin.mkdir()
+    no_sbatch = run_cli(LAUNCH, "slurm", "--nodes", "2", "--run-dir", str(tmp_path), "--", "deepspeed=zero2", "trainer.global_batch=16", env={"PATH": str(empty_bin)})
     assert no_sbatch.returncode == 2 and "sbatch is not on the PATH" in no_sbatch.stderr and "--dry-run" in no_sbatch.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -123,13 +126,14 @@ def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tmp_path):
     agent.send_signal(signal.SIGTERM)  # what srun forwards on preemption
     out, _ = proc.communicate(timeout=300)
     assert "stop signal: saved" in out, out[-3000:]
-    (saved,) = checkpoint.checkpoints(tmp_path)
+    (saved,) = RunDirectory(tmp_path).checkpoints()
     step = checkpoint.read_state(saved)["step"]
     assert 5 <= step < 200
-    args[args.index("trainer.max_steps=200")] = f"trainer.max_steps={step + 10}"
-    resumed = subprocess.run([*cmd[: cmd.index("--") + 1], *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args[args.index("trainer.max_steps=200")] = f"trainer.max_steps={step + 10}"  # a shorter run: an amendment, recorded
+    resumed = subprocess.run([*cmd[: cmd.index("--") + 1], *args, "trainer.amend=[trainer.max_steps]"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert rows(tmp_path)[-1]["step"] == step + 10
+    assert RunDirectory(tmp_path).amendments()[0]["changes"] == {"trainer.max_steps": [200, step + 10]}
 
 
 def test_slurm_launcher_config_composes():
