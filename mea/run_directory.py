@@ -218,6 +218,8 @@ class RunDirectory:
             if why is None:
                 return folder
             aside = folder.with_name(f"damaged-{folder.name}")
+            if aside.exists():  # damaged at this step before: keep both for a look
+                aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%dT%H%M%S')}")
             folder.rename(aside)
             log(f"warning: checkpoint {folder.name} is damaged ({why}); moved to {aside.name}, resuming from the previous verified one")
         return None
