@@ -25,9 +25,9 @@ from mea.config import load_config
 from mea.run_directory import RunDirectory, damage
 
 from .conftest import QUICK, ROOT, run_cli
+from .test_trainer import curve, kill_when
 
 ARGS = (*QUICK, "trainer.log_every=1", "trainer.max_steps=30", "trainer.checkpoint_every=5", "trainer.keep_checkpoints=3", "trainer.eval_every=10")
-CURVE = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss")
 
 
 def command(run_dir: Path, *extra: str) -> list[str]:
@@ -36,10 +36,6 @@ def command(run_dir: Path, *extra: str) -> list[str]:
 
 def train(run_dir: Path, *extra: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(command(run_dir, *extra), cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300, **kw)
-
-
-def curve(run_dir: Path) -> list[tuple]:
-    return [tuple(row.get(k) for k in CURVE) for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
@@ -51,13 +47,7 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 def kill_at_step(run_dir: Path, step: int) -> None:
     proc = subprocess.Popen(command(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.endswith("}"))):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    kill_when(proc, lambda: metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.endswith("}")))
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -256,4 +246,4 @@ def test_a_damaged_prepared_shard_is_refused_before_any_token_is_read(whole, tmp
     flip_a_byte(cache / "data" / key / "train-00000.bin")
     error = one_line_error(train(tmp_path / "run", env={"MEA_CACHE": str(cache)}))
     assert "train-00000.bin does not match its checksum" in error and "prepare again" in error
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "identity.json").exists()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -90,9 +91,9 @@ def check_single_process_load(run_dir: Path, val_loss: float) -> None:
     assert sum(losses) / len(losses) == pytest.approx(val_loss, rel=1e-5)
 
 
-def kill_when(proc: subprocess.Popen, marker: Path) -> None:
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool]) -> None:
     deadline = time.time() + 300
-    while not marker.exists():
+    while not ready():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -108,7 +109,7 @@ def test_sigkill_and_resume_gives_the_same_curve_bitwise(tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
     cmd = [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'killed'}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, tmp_path / "killed" / "checkpoints" / "step-0000015")
+    kill_when(proc, (tmp_path / "killed" / "checkpoints" / "step-0000015").exists)
     assert not (tmp_path / "killed" / "summary.json").exists()
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -123,7 +124,7 @@ def test_zero3_kill_and_resume_on_two_processes(tmp_path, single_process):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "train.py", *args, f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(proc, tmp_path / "checkpoints" / "step-0000010")
+    kill_when(proc, (tmp_path / "checkpoints" / "step-0000010").exists)
     resumed = torchrun(tmp_path, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout

@@ -117,9 +117,11 @@ class StopFlag:
         cls.received = signum
 
     def agreed(self) -> bool:
-        flag = torch.tensor([float(StopFlag.received is not None)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        raised = StopFlag.received is not None
+        if not dist.is_initialized():
+            return raised
+        flag = torch.tensor([float(raised)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -183,8 +185,6 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
     cfg = replace(cfg, model=model.cfg, arm=cfg.label)  # W&B groups runs by config.arm
     identity = identity_of(cfg, corpus.path.name)
     amended = run_dir.check(identity, tc.amend)
-    if rank == 0:
-        run_dir.record(identity, amended, saved["step"] if resume_point is not None else 0)
     if tc.init_from is not None and resume_point is None:
         load_model(model, str(Path(tc.init_from) / "model.safetensors"))
     engine = build_engine(model, cfg, device, micro, world_size)
@@ -202,6 +202,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
     metrics = MetricsLogger(run_dir.path, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"], tags=tags)
     if rank == 0:
         run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.record(identity, amended, start_step)
         (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         save_hydra_record(run_dir.path / ".hydra")
         print(f"{cfg.label} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) · {describe(engine)} · {world_size} process(es) on {device}")
