@@ -1,8 +1,10 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -47,3 +49,25 @@ QUICK = ("logger.mode=disabled", "data.seq_len=64", "trainer.global_batch=8", "t
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to a process and every process under it (torchrun and mea-sweep start theirs in sessions of their own)."""
+    if proc.poll() is None:
+        parent = psutil.Process(proc.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    proc.wait()
+
+
+@contextmanager
+def started(args: list[str], **popen):
+    """A process the test drives; it and its children are killed when the block ends, however the test ends."""
+    proc = subprocess.Popen(args, cwd=ROOT, **popen)
+    try:
+        yield proc
+    finally:
+        kill_tree(proc)

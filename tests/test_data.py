@@ -15,7 +15,7 @@ from mea.config import DataConfig
 from mea.data import Batches, DataError, TokenWindows, prepare
 from mea.data.sources import stdlib_files
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, started
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +195,11 @@ def write_big_vocab_tokenizer(tmp_path: Path) -> Path:
 def test_killed_prepare_leaves_nothing_that_looks_complete(shakespeare, tmp_path):
     env = {**os.environ, "MEA_CACHE": str(tmp_path)}
     args = [sys.executable, "data/prepare.py", "data=tinyshakespeare", f"data.source={shakespeare}", "data.vocab_size=8000"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    assert "training a byte-level BPE" in proc.stdout.readline()
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with started(args, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        assert "training a byte-level BPE" in proc.stdout.readline()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not list(tmp_path.glob("data/*/manifest.json")) and not list(tmp_path.glob("data/tinyshakespeare-*"))
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and len(list(tmp_path.glob("data/tinyshakespeare-*/manifest.json"))) == 1

@@ -24,7 +24,7 @@ from mea.data.shards import prepared_path
 from mea.config import load_config
 from mea.run_directory import RunDirectory, damage
 
-from .conftest import QUICK, ROOT, run_cli
+from .conftest import QUICK, ROOT, run_cli, started
 from .test_trainer import curve, kill_when
 
 ARGS = (*QUICK, "trainer.log_every=1", "trainer.max_steps=30", "trainer.checkpoint_every=5", "trainer.keep_checkpoints=3", "trainer.eval_every=10")
@@ -45,9 +45,9 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 
 def kill_at_step(run_dir: Path, step: int) -> None:
-    proc = subprocess.Popen(command(run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
-    kill_when(proc, lambda: metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.endswith("}")))
+    with started(command(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        kill_when(proc, lambda: metrics.is_file() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.endswith("}")))
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -147,8 +147,7 @@ def test_a_full_disk_during_a_save_fails_in_one_line_and_keeps_the_previous_chec
 
 
 def test_a_second_writer_is_refused_naming_the_holder_and_changes_nothing(tmp_path):
-    live = subprocess.Popen(command(tmp_path, "trainer.max_steps=100000", "trainer.checkpoint_every=0"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with started(command(tmp_path, "trainer.max_steps=100000", "trainer.checkpoint_every=0"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as live:
         while not (tmp_path / "metrics.jsonl").is_file():
             assert live.poll() is None
             time.sleep(0.05)
@@ -156,7 +155,6 @@ def test_a_second_writer_is_refused_naming_the_holder_and_changes_nothing(tmp_pa
         error = one_line_error(second)
         assert f"is being trained by pid {live.pid} on {socket.gethostname()}" in error
         assert live.poll() is None  # the holder trains on
-    finally:
         live.send_signal(signal.SIGTERM)
         live.wait(timeout=120)
     assert not (tmp_path / "lease.json").exists()  # released when the holder ended

@@ -11,7 +11,7 @@ from mea.run_directory import RunDirectory
 from mea.train import checkpoint
 from mea.train.engine import free_port
 
-from .conftest import QUICK, ROOT, run_cli
+from .conftest import QUICK, ROOT, run_cli, started
 from .test_trainer import RUN, assert_curves_close, rows
 
 LAUNCH = "launch/launch.py"
@@ -95,19 +95,20 @@ def test_bad_shapes_missing_tools_and_busy_ports(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def node(rank: int, port: int, run_dir, *extra: str) -> subprocess.Popen:
+def node(rank: int, port: int, run_dir, *extra: str):
     args = [sys.executable, LAUNCH, "torchrun", "--nodes", "2", "--gpus-per-node", "1", "--master-port", str(port), "--node-rank", str(rank),
             "--run-dir", str(run_dir), "--", *RUN, "deepspeed=zero2", *extra]
     env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return started(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_nodes_on_one_machine_match_one_process(tmp_path):
     single = tmp_path / "single"
     assert run_cli("train.py", *RUN, f"hydra.run.dir={single}").returncode == 0
     port = free_port()
-    nodes = [node(rank, port, tmp_path / "two") for rank in (0, 1)]
-    outs = [n.communicate(timeout=600) for n in nodes]
+    with node(0, port, tmp_path / "two") as first, node(1, port, tmp_path / "two") as second:
+        nodes = [first, second]
+        outs = [n.communicate(timeout=600) for n in nodes]
     assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
     assert "2 process(es)" in outs[0][0] + outs[1][0]
     assert_curves_close(single, tmp_path / "two", rel=1e-4)
@@ -118,13 +119,13 @@ def test_sigterm_to_torchrun_checkpoints_and_the_same_command_resumes(tmp_path):
     port = free_port()
     cmd = [sys.executable, LAUNCH, "torchrun", "--nodes", "1", "--gpus-per-node", "2", "--master-port", str(port), "--node-rank", "0", "--run-dir", str(tmp_path), "--", *args]
     env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-        assert proc.poll() is None
-        time.sleep(0.05)
-    (agent,) = [p for p in psutil.Process(proc.pid).children() if "torchrun" in " ".join(p.cmdline())]
-    agent.send_signal(signal.SIGTERM)  # what srun forwards on preemption
-    out, _ = proc.communicate(timeout=300)
+    with started(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+            assert proc.poll() is None
+            time.sleep(0.05)
+        (agent,) = [p for p in psutil.Process(proc.pid).children() if "torchrun" in " ".join(p.cmdline())]
+        agent.send_signal(signal.SIGTERM)  # what srun forwards on preemption
+        out, _ = proc.communicate(timeout=300)
     assert "stop signal: saved" in out, out[-3000:]
     (saved,) = RunDirectory(tmp_path).checkpoints()
     step = checkpoint.read_state(saved)["step"]

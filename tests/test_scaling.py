@@ -17,7 +17,7 @@ from mea.run_directory import RunDirectory
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
 from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, started
 
 
 def write_csv(path, rows):
@@ -295,13 +295,13 @@ def test_a_stop_signal_ends_a_local_sweep_after_its_run_saved_and_the_same_comma
     spec.write_text(MINI.replace("OUT", str(tmp_path / "out")).replace("tokens: 6144", "tokens: 30720"))  # 120 steps a run
     runs = [tmp_path / "out" / size / "mea" / f"lr{lr}-s0" for size in ("w32", "w64") for lr in (0.001, 0.01, 0.1)]
     for sig, stopped_in in ((signal.SIGTERM, runs[0]), (signal.SIGINT, runs[1])):
-        proc = subprocess.Popen([sys.executable, "sweeps/lr_sweep.py", str(spec)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while not ((stopped_in / "metrics.jsonl").is_file() and (stopped_in / "metrics.jsonl").read_text()):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=300)
+        with started([sys.executable, "sweeps/lr_sweep.py", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            deadline = time.time() + 300
+            while not ((stopped_in / "metrics.jsonl").is_file() and (stopped_in / "metrics.jsonl").read_text()):
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                time.sleep(0.05)
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=300)
         assert proc.returncode == 128 + sig, err[-3000:]
         assert f"stopped by {sig.name} after the run in progress saved" in err
         assert RunDirectory(stopped_in).checkpoints() and not (stopped_in / "summary.json").exists()

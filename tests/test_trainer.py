@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_model
@@ -21,7 +20,7 @@ from mea.run_directory import RunDirectory
 from mea.train import checkpoint
 from mea.train.engine import PlainEngine, free_port
 
-from .conftest import QUICK, ROOT, compose_config, run_cli
+from .conftest import QUICK, ROOT, compose_config, kill_tree, run_cli, started
 from .wandb_log import read_run
 
 RUN = (*QUICK, "trainer.max_steps=20", "trainer.checkpoint_every=10")
@@ -93,14 +92,13 @@ def check_single_process_load(run_dir: Path, val_loss: float) -> None:
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool]) -> None:
     deadline = time.time() + 300
-    while not ready():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    parent = psutil.Process(proc.pid)  # torchrun starts its workers in sessions of their own
-    for p in [parent, *parent.children(recursive=True)]:
-        p.kill()
-    proc.wait()
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        kill_tree(proc)
 
 
 def test_sigkill_and_resume_gives_the_same_curve_bitwise(tmp_path):
@@ -134,12 +132,12 @@ def test_zero3_kill_and_resume_on_two_processes(tmp_path, single_process):
 def test_sigterm_saves_a_checkpoint_that_resumes_under_the_same_wandb_run(tmp_path):
     args = [*[a for a in QUICK if not a.startswith("logger")], "logger.mode=offline", "trainer.max_steps=60", "trainer.checkpoint_every=0"]
     cmd = [sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
-        assert proc.poll() is None
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    with started(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+            assert proc.poll() is None
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stop signal: saved" in out
     (saved,) = RunDirectory(tmp_path).checkpoints()
     step = checkpoint.read_state(saved)["step"]
