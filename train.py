@@ -2,6 +2,7 @@
 
 Several processes: `torchrun --nproc_per_node 8 train.py deepspeed=zero2 ...`.
 """
+import os
 import signal
 import sys
 
@@ -31,10 +32,12 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if multirun and StopFlag.received is not None:  # SystemExit passes Hydra's launcher: no further job starts
-        print(f"stopped by {signal.Signals(StopFlag.received).name} after this run saved; the same command resumes the sweep", file=sys.stderr)
-        sys.exit(128 + StopFlag.received)
-
+    StopFlag.hand_on()  # under submitit: it requeues the job now that the run has saved
+    if multirun and StopFlag.received is not None:
+        print(f"stopped by {signal.Signals(StopFlag.received).name} after this run saved; the same command resumes the sweep", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not SystemExit, which a launcher's worker process catches (joblib's): this process starts no further run.
+        os._exit(128 + StopFlag.received)
 
 if __name__ == "__main__":
     main()

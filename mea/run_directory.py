@@ -243,31 +243,48 @@ class Lease:
         except (OSError, ValueError):
             return None
 
-    def refuse(self, holder: dict | None) -> RunDirectoryError:
-        who = "another process" if holder is None else (
+    def refuse(self, holder: dict) -> RunDirectoryError:
+        who = "another process" if not holder else (
             f"pid {holder['pid']} on {holder['host']}" + (f" (SLURM job {holder['slurm_job']})" if holder.get("slurm_job") else "")
             + f", heartbeat {time.time() - holder['heartbeat']:.0f} s ago")
         return RunDirectoryError(f"{self.folder} is being trained by {who}; wait for it to end or stop it (a holder that is gone, or silent for {STALE_AFTER_S:.0f} s, is taken over)")
 
     def __enter__(self) -> Lease:
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self.lock.acquire()
-        except Timeout:
-            raise self.refuse(self.holder()) from None
-        holder, host = self.holder(), socket.gethostname()
-        if holder is not None:
-            silent = time.time() - holder["heartbeat"]
-            if holder["host"] != host and silent < STALE_AFTER_S:  # the lock may not reach across hosts; the heartbeat does
-                self.lock.release()
+        host, waited_for = socket.gethostname(), None
+        while (holder := self.try_acquire(host)) is not None:
+            if not self.earlier_allocation(holder) or time.time() - holder["heartbeat"] > STALE_AFTER_S:
                 raise self.refuse(holder)
-            gone = "its process is gone" if holder["host"] == host else f"no heartbeat for {silent:.0f} s"
-            self.log(f"taking over the lease of pid {holder['pid']} on {holder['host']} ({gone})")
+            if waited_for is None:  # SLURM keeps the job id across a requeue; its earlier allocation may still be saving
+                self.log(f"waiting for the earlier allocation of SLURM job {holder['slurm_job']} (pid {holder['pid']} on {holder['host']}) to release {self.folder}")
+            waited_for = holder
+            time.sleep(1)
         self.me = {"host": host, "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
         self.beat()
         self.thread = threading.Thread(target=self.keep_beating, daemon=True, name="lease-heartbeat")
         self.thread.start()
         return self
+
+    def try_acquire(self, host: str) -> dict | None:
+        """Take the lease, or return the live holder's record (an empty one where the lock is held without it)."""
+        try:
+            self.lock.acquire()
+        except Timeout:
+            return self.holder() or {}
+        holder = self.holder()
+        if holder is not None:
+            silent = time.time() - holder["heartbeat"]
+            if holder["host"] != host and silent < STALE_AFTER_S:  # the lock may not reach across hosts; the heartbeat does
+                self.lock.release()
+                return holder
+            gone = "its process is gone" if holder["host"] == host else f"no heartbeat for {silent:.0f} s"
+            self.log(f"taking over the lease of pid {holder['pid']} on {holder['host']} ({gone})")
+        return None
+
+    @staticmethod
+    def earlier_allocation(holder: dict) -> bool:
+        """The holder is this SLURM job before it was requeued."""
+        return bool(holder.get("slurm_job")) and holder["slurm_job"] == os.environ.get("SLURM_JOB_ID")
 
     def beat(self) -> None:
         write_synced(self.file, json.dumps({**self.me, "heartbeat": time.time()}))

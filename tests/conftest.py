@@ -19,6 +19,7 @@ register_configs()
 # One thread a process: the models here are tiny, and `make test` runs a test process per core (pytest-xdist), each
 # starting training subprocesses; more threads than cores would leave OpenMP spinning against itself.
 os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MEA_SWEEP_JOBS"] = "1"  # likewise one run at a time in a sweep: the test processes already fill the cores
 torch.set_num_threads(1)
 
 

@@ -160,6 +160,25 @@ def test_a_second_writer_is_refused_naming_the_holder_and_changes_nothing(tmp_pa
     assert not (tmp_path / "lease.json").exists()  # released when the holder ended
 
 
+def test_a_requeued_job_waits_for_its_earlier_allocation_to_save_and_release(tmp_path):
+    """SLURM keeps a job's id across a requeue: a start under the id of the lease's live holder waits for it (never
+    trains beside it), then resumes from what it saved."""
+    slurm_job = {"SLURM_JOB_ID": "77"}
+    longer = ("trainer.max_steps=150", "trainer.checkpoint_every=0")
+    with started(command(tmp_path, *longer), env={**os.environ, **slurm_job}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as earlier:
+        while not (tmp_path / "metrics.jsonl").is_file():
+            assert earlier.poll() is None
+            time.sleep(0.05)
+        with started(command(tmp_path, *longer), env={**os.environ, **slurm_job}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as requeued:
+            while not (tmp_path / "lease.json").is_file() or not requeued.stdout.readline().startswith("waiting for the earlier allocation of SLURM job 77"):
+                assert requeued.poll() is None, requeued.communicate()
+            assert earlier.poll() is None and len(RunDirectory(tmp_path).checkpoints()) == 0  # it waits: nothing written beside the holder
+            earlier.send_signal(signal.SIGTERM)  # what SLURM sends the earlier allocation
+            out, err = requeued.communicate(timeout=300)
+    assert requeued.returncode == 0, err[-3000:]
+    assert "resuming from" in out and json.loads((tmp_path / "summary.json").read_text())["steps"] == 150
+
+
 def test_stale_leases_are_taken_over_and_logged(whole, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -15,6 +16,17 @@ from .conftest import QUICK, ROOT, run_cli, started
 from .test_trainer import RUN, assert_curves_close, rows
 
 LAUNCH = "launch/launch.py"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def test_cpu_processes_ask_slurm_for_no_gpus(tmp_path):
+    """--gpus-per-node N with DS_ACCELERATOR=cpu (the documented form) and its new name --procs-per-node: N
+    processes a node, and no GPU asked of a cluster that may have none."""
+    for option in ("--gpus-per-node", "--procs-per-node"):
+        proc = run_cli(LAUNCH, "slurm", "--nodes", "2", option, "2", "--env", "DS_ACCELERATOR=cpu", "--run-dir", str(tmp_path), "--dry-run", "--",
+                       "deepspeed=zero1", "trainer.global_batch=16")
+        assert proc.returncode == 0, proc.stderr
+        assert "--gpus-per-node" not in proc.stdout and "--nproc_per_node=2" in proc.stdout
 
 
 def test_slurm_script_for_eight_nodes(tmp_path):
@@ -39,15 +51,15 @@ def test_slurm_script_for_eight_nodes(tmp_path):
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj",
     ]
-    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
+    assert 'export MASTER_ADDR=$(scontrol show node "$first_node" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")' in lines
     assert "export MASTER_PORT=${MASTER_PORT:-29500}" in lines and "export NCCL_IB_DISABLE=0" in lines
     (srun,) = [line for line in lines if line.startswith("srun ")]
-    assert srun == (
-        "srun --kill-on-bad-exit=1 torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$SLURM_NODEID --rdzv_id=$SLURM_JOB_ID "
+    assert srun == (  # the c10d rendezvous numbers the nodes; torchrun by its path, as a job's shell has no activated environment
+        f"srun --kill-on-bad-exit=1 {TORCHRUN} --nnodes=8 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID "
         f"--rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT {ROOT}/train.py model=350m deepspeed=zero2 "
         f"trainer.global_batch=512 trainer.micro_batch=8 hydra.run.dir={tmp_path} &"
     )
-    assert "trap on_usr1 USR1" in lines
+    assert "trap save_and_requeue USR1" in lines and '    scancel --signal=TERM "$SLURM_JOB_ID"' in lines
     assert not (tmp_path / "launch").exists()  # a dry run writes nothing
 
 
@@ -58,7 +70,7 @@ def test_torchrun_commands_one_per_node(tmp_path):
     script = (tmp_path / "launch" / "torchrun.sh").read_text().splitlines()
     for rank in (0, 1):
         assert script[2 + rank] == (
-            f"torchrun --nnodes=2 --nproc_per_node=4 --node_rank={rank} --rdzv_id=j --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29400 "
+            f"{TORCHRUN} --nnodes=2 --nproc_per_node=4 --node_rank={rank} --rdzv_id=j --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29400 "
             f"{ROOT}/train.py deepspeed=zero1 trainer.global_batch=16 hydra.run.dir={tmp_path}"
         )
     assert "deepspeed:\n  enabled: true\n  stage: 1" in (tmp_path / "launch" / "config.yaml").read_text()

@@ -1,14 +1,18 @@
 """`mea-sweep` / `sweeps/lr_sweep.py`: run an LR sweep spec through Hydra multirun and collect results.csv.
 
-    mea-sweep sweeps/example.yaml                 # locally, one run after another
-    mea-sweep sweeps/example.yaml --slurm         # as SLURM job arrays (hydra-submitit-launcher)
+    mea-sweep sweeps/example.yaml                 # locally, a run per core at once (hydra-joblib-launcher)
+    mea-sweep sweeps/example.yaml --jobs 4 --threads 4            # 4 runs at once of 4 threads each
+    mea-sweep sweeps/example.yaml --slurm -- hydra.launcher.partition=gpu   # as SLURM job arrays (hydra-submitit-launcher)
     mea-sweep sweeps/example.yaml --collect-only  # only (re)write results.csv
     mea-sweep sweeps/example.yaml --size tiny64   # one size only: sizes side by side in processes of their own
 
 Each (variant, size, lr, seed) run has a fixed directory `<out>/<size>/<variant>/lr<lr>-s<seed>`, so running the
 spec again skips what finished (or diverged) and resumes what failed from its checkpoint. A run folder whose
 recorded identity (mea.run_directory) differs from what the spec now asks stops the sweep before anything runs,
-naming it, and is never collected. SIGTERM or Ctrl-C stops the sweep once the run in progress has saved.
+naming it, and is never collected. SIGTERM or Ctrl-C stops the sweep once the runs in progress have saved.
+
+Under SLURM each run is an array task; submitit's warning before the time limit (USR2, `signal_delay_s`) makes
+the trainer save, and submitit then requeues the task, which resumes from that checkpoint (mea.train.StopFlag).
 """
 from __future__ import annotations
 
@@ -20,11 +24,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -75,8 +82,8 @@ def load_spec(path: Path) -> SweepSpec:
         raise SweepError(f"{path} does not exist; give a sweep spec such as sweeps/example.yaml")
     try:
         spec: SweepSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), OmegaConf.load(path)))
-    except OmegaConfBaseException as e:
-        raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:  # a key the spec does not have, or text that is not YAML
+        raise SweepError(f"{path}: {' '.join(str(e).split())}") from None
     if not spec.arm_overrides():
         raise SweepError(f"{path}: name the variants (variants: [mha, mea]) or the arms (arms: {{label: [overrides]}}) to sweep")
     labels = [size.label for size in spec.sizes]
@@ -114,7 +121,30 @@ def shared_overrides(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: 
 RUN_FOLDER = "{arm}/lr{lr}-s{seed}"  # under the size's folder: Hydra's sweep subdir, and where `finished` looks
 
 
-def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, slurm: bool) -> list[str]:
+@dataclass
+class Launcher:
+    """Where a sweep's runs go: SLURM job arrays, or this machine, `jobs` runs at once of `threads` threads each
+    (by default one thread a run and a run per core: small runs side by side make more steps per second in all
+    than one run on every core)."""
+
+    slurm: bool = False
+    jobs: int | None = None
+    threads: int = 1
+    overrides: list[str] = field(default_factory=list)  # hydra.launcher.* settings: partition, account, mem_gb, ...
+
+    def local_jobs(self, runs: int) -> int:
+        jobs = self.jobs or int(os.environ.get("MEA_SWEEP_JOBS", 0)) or len(os.sched_getaffinity(0)) // self.threads
+        return max(1, min(runs, jobs))
+
+    def hydra_overrides(self, runs: int) -> list[str]:
+        chosen = ["hydra/launcher=slurm"] if self.slurm else ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={self.local_jobs(runs)}"]
+        return [*chosen, *self.overrides]
+
+    def environment(self) -> dict[str, str]:
+        return {} if self.slurm else {"OMP_NUM_THREADS": str(self.threads)}
+
+
+def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, launcher: Launcher) -> list[str]:
     """One Hydra multirun per size and arm: LRs × seeds."""
     return [
         sys.executable, str(ROOT / "train.py"), "--multirun",
@@ -123,7 +153,7 @@ def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[st
         *shared,
         f"hydra.sweep.dir={out / size.label}",
         f"hydra.sweep.subdir={RUN_FOLDER.format(arm=arm, lr='${optim.lr}', seed='${trainer.seed}')}",
-        *(["hydra/launcher=slurm"] if slurm else []),
+        *launcher.hydra_overrides(len(lr_grid(spec)) * len(spec.seeds)),
     ]
 
 
@@ -224,35 +254,51 @@ class SweepStopped(SweepError):
         self.signum = signum
 
 
-def run_in_turn(commands: list[list[str]]) -> tuple[list[int], int | None]:
+def run_in_turn(commands: list[list[str]], env: dict[str, str]) -> tuple[list[int], int | None]:
     """Each command's exit code, one after another, and the stop signal if one came. Each multirun runs in a
-    session of its own, so that a stop (SIGTERM, or Ctrl-C at the terminal) reaches it once, as SIGTERM: its
-    run saves a checkpoint, the multirun ends, and no further command starts."""
+    session of its own, so that a stop (SIGTERM, or Ctrl-C at the terminal) reaches each of its processes (its
+    runs, whichever launcher started them) once, as SIGTERM: they save a checkpoint, and no further command
+    starts. The stop returns only once every process of the session has ended."""
     codes, stopped, child = [], None, None
 
     def stop(signum, frame):
         nonlocal stopped
         stopped = signum
         if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+            os.killpg(child.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for command in commands:
             if stopped is not None:
                 break
-            child = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+            child = subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, **env})
             codes.append(child.wait())
+            wait_for_session(child.pid)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return codes, stopped
 
 
-def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, dry_run: bool = False, only_sizes: list[str] | None = None) -> Path | None:
+def wait_for_session(session: int, timeout: float = 600) -> None:
+    """Until no process of the session is left (a launcher's workers may outlive it while they save)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(in_session(p, session) for p in psutil.process_iter()):
+        time.sleep(0.2)
+
+
+def in_session(process: psutil.Process, session: int) -> bool:
+    try:
+        return os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.Error):
+        return False
+
+
+def run_sweep(spec: SweepSpec, launcher: Launcher | None = None, collect_only: bool = False, dry_run: bool = False, only_sizes: list[str] | None = None) -> Path | None:
     """Run (or resume) every multirun of the spec (of the sizes named in only_sizes, if given), then write
     results.csv from the spec's finished runs; returns its path (None for a dry run)."""
-    out = Path(spec.out)
+    out, launcher = Path(spec.out), launcher or Launcher()
     labels = [size.label for size in spec.sizes]
     if unknown := sorted(set(only_sizes or []) - set(labels)):
         raise SweepError(f"--size {' '.join(unknown)}: the spec has no such size; its sizes are {', '.join(labels)}")
@@ -261,7 +307,7 @@ def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, 
     jobs = [job for job in jobs if not only_sizes or job[0].label in only_sizes]
     if dry_run:
         for size, arm, shared in jobs:
-            print(" ".join(multirun_command(spec, size, arm, shared, out, slurm)))
+            print(" ".join(multirun_command(spec, size, arm, shared, out, launcher)))
         return None
     every_run = {run: identity for runs in plans.values() for run, identity in runs.items()}
     refuse_foreign_runs(every_run, out)
@@ -272,8 +318,8 @@ def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, 
             if all(run.holds(identity) for run, identity in plans[size.label, arm].items()):
                 print(f"{size.label}/{arm}: every run is already done")
             else:
-                to_run.append((f"{size.label}/{arm}", multirun_command(spec, size, arm, shared, out, slurm)))
-        codes, stopped = run_in_turn([command for _, command in to_run])
+                to_run.append((f"{size.label}/{arm}", multirun_command(spec, size, arm, shared, out, launcher)))
+        codes, stopped = run_in_turn([command for _, command in to_run], launcher.environment())
         failed = [name for (name, _), code in zip(to_run, codes) if code != 0]
     results = collect(out, every_run)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
@@ -285,15 +331,25 @@ def run_sweep(spec: SweepSpec, slurm: bool = False, collect_only: bool = False, 
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    argv, launcher_overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(prog="mea-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
-    parser.add_argument("--slurm", action="store_true", help="fan each size out as a SLURM job array")
+    parser.add_argument("--slurm", action="store_true", help="fan each size out as SLURM job arrays")
+    parser.add_argument("--jobs", type=int, help="locally: runs at once (default: $MEA_SWEEP_JOBS, else the cores over --threads)")
+    parser.add_argument("--threads", type=int, default=1, help="locally: threads of each run (default 1)")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the multirun commands")
     parser.add_argument("--size", action="append", help="run only this size of the spec (repeatable): one process or machine per size")
+    parser.epilog = "After --, hydra.launcher.KEY=VALUE settings for the launcher (partition, account, timeout_min, ...)."
     args = parser.parse_args(argv)
     try:
-        run_sweep(load_spec(args.spec), args.slurm, args.collect_only, args.dry_run, args.size)
+        if foreign := [o for o in launcher_overrides if not o.startswith("hydra.launcher.")]:
+            raise SweepError(f"{foreign[0]}: after -- only hydra.launcher.* settings go; put what the runs train with in the spec's overrides")
+        if (args.jobs is not None and args.jobs < 1) or args.threads < 1:
+            raise SweepError("--jobs and --threads must be at least 1")
+        launcher = Launcher(args.slurm, args.jobs, args.threads, launcher_overrides)
+        run_sweep(load_spec(args.spec), launcher, args.collect_only, args.dry_run, args.size)
     except SweepStopped as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)

@@ -6,6 +6,7 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -100,21 +101,37 @@ def dynamics(engine: Engine, windows: TokenWindows) -> dict[str, float]:
 
 
 class StopFlag:
-    """Set by SIGTERM, SIGUSR1 (preemption) or Ctrl-C (a second one interrupts at once); all ranks agree on it
-    before acting. The signal stays recorded for the process (`StopFlag.received`): a multirun ends after the run
-    that saw it (train.py) instead of going on to the next."""
+    """Set by SIGTERM (scancel, preemption), SIGUSR1 or SIGUSR2 (a scheduler's warning before the time limit:
+    mea-launch's and submitit's) or Ctrl-C (a second one interrupts at once); all ranks agree on it before acting.
+    The signal stays recorded for the process (`StopFlag.received`): a multirun ends after the run that saw it
+    (train.py) instead of going on to the next.
 
+    A handler some host process installed before the trainer's is called once the run has saved (`hand_on`).
+    Under submitit that is its preemption handler, so the two cooperate: the trainer saves, then submitit
+    requeues the job (`scontrol requeue`) and exits, and the requeued task resumes from the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
     received: int | None = None
+    earlier: dict[int, Callable] = {}
 
     def __init__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, self._set)
+        for sig in self.SIGNALS:
+            previous = signal.signal(sig, self._set)
+            # Python's own Ctrl-C handler would raise KeyboardInterrupt after the save; a multirun's earlier run left ours
+            if callable(previous) and previous is not signal.default_int_handler and previous != StopFlag._set:
+                StopFlag.earlier[sig] = previous
 
     @classmethod
     def _set(cls, signum, frame) -> None:
         if signum == signal.SIGINT and cls.received is not None:
             raise KeyboardInterrupt
         cls.received = signum
+
+    @classmethod
+    def hand_on(cls) -> None:
+        """After the run saved: the signal's earlier handler, if it had one (submitit's requeue, which exits)."""
+        if (handler := cls.earlier.get(cls.received)) is not None:
+            handler(cls.received, None)
 
     def agreed(self) -> bool:
         raised = StopFlag.received is not None

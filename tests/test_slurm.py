@@ -1,0 +1,203 @@
+"""Against a real SLURM: the two-node cluster of launch/local_slurm.sh (slurmctld, two slurmd of one CPU each),
+brought up by this module's fixture and stopped by it, by pid, however the tests end. Jobs are submitted as a
+user submits them, with `.venv/bin/mea-launch` and `mea-sweep` run from a PATH without the environment, and
+followed with squeue/scontrol (no accounting daemon)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mea.run_directory import RunDirectory
+from mea.train import checkpoint
+from mea.train.engine import free_port
+
+from .conftest import QUICK, ROOT, run_cli, started
+from .test_trainer import RUN, assert_curves_close, curve, rows
+
+TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
+BIN = Path(sys.executable).parent  # the environment's tools, called by their paths: nothing is activated
+BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
+CPU_JOB = ("--gpus-per-node", "1", "--env", "DS_ACCELERATOR=cpu", "--cpus-per-task", "1", "--time", "10:00", "--signal-seconds", "60")
+LONG = (*QUICK, "trainer.max_steps=150", "trainer.checkpoint_every=1000", "deepspeed=zero1")  # saves only when stopped, and at the end
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SLURM_CONF and a bare PATH for the local cluster, up for this module's tests."""
+    missing = [tool for tool in TOOLS if shutil.which(tool, path=f"{os.environ['PATH']}:/usr/sbin:/sbin") is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed here ({', '.join(missing)} missing): apt-get install slurm-wlm munge (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root: slurmd starts each job as its user")
+    folder = tmp_path_factory.mktemp("slurm")
+    try:
+        up = subprocess.run(["bash", "launch/local_slurm.sh", "up", str(folder)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr + "".join(p.read_text()[-2000:] for p in (folder / "log").glob("*.log"))
+        yield {**os.environ, "SLURM_CONF": str(folder / "slurm.conf"), "PATH": BARE_PATH}
+    finally:
+        subprocess.run(["bash", "launch/local_slurm.sh", "down", str(folder)], cwd=ROOT, timeout=120)
+
+
+def launch(env: dict, run_dir: Path, *args: str, overrides=LONG, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / "mea-launch"), "slurm", "--nodes", "2", *CPU_JOB, "--master-port", str(free_port()), "--run-dir", str(run_dir), *args,
+                           "--", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def job_id(proc: subprocess.CompletedProcess) -> str:
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+def job(env: dict, job: str) -> dict:
+    """`scontrol show job`, as key → value."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def slurm(env: dict, *command: str) -> None:
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)
+
+
+def wait_for(ready, what: str, env: dict, jobs: list[str], timeout: float = 300):
+    """Until ready() is true. A requeued job is held until its BeginTime (about two minutes here); it is let start
+    a few seconds after its requeue instead (at once, the nodes may still hold the earlier allocation's revoked
+    credential and fail the start)."""
+    deadline, hurried = time.time() + timeout, set()
+    while not (value := ready()):
+        for j in jobs:
+            state = job(env, j)
+            if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime" and (j, state["Restarts"]) not in hurried:
+                subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now+5"], env=env, capture_output=True)
+                hurried.add((j, state["Restarts"]))
+        assert time.time() < deadline, f"timed out waiting for {what}: {[job(env, j) for j in jobs]}"
+        time.sleep(0.2)
+    return value
+
+
+def ended(env: dict, j: str) -> dict:
+    return wait_for(lambda: (state := job(env, j))["JobState"] in ENDED and state, f"job {j} to end", env, [j])
+
+
+def log(run_dir: Path, j: str) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob(f"*-{j}.*")))
+
+
+def saved_step(run_dir: Path) -> int:
+    kept = RunDirectory(run_dir).checkpoints()
+    return checkpoint.read_state(kept[-1])["step"] if kept else 0
+
+
+def steps_past(run_dir: Path, step: int) -> bool:
+    return (run_dir / "metrics.jsonl").is_file() and any(r["step"] > step for r in rows(run_dir))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    """LONG trained by two nodes of the cluster in one allocation."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    submitted = launch(cluster, run)
+    assert ended(cluster, job_id(submitted))["JobState"] == "COMPLETED", log(run, job_id(submitted))[-3000:]
+    return run
+
+
+def test_two_nodes_match_one_process_under_zero1_and_zero3(cluster, tmp_path):
+    jobs = {stage: job_id(launch(cluster, tmp_path / stage, overrides=(*RUN, f"deepspeed={stage}"))) for stage in ("zero1", "zero3")}
+    assert run_cli("train.py", *RUN, f"hydra.run.dir={tmp_path / 'single'}").returncode == 0
+    final = json.loads((tmp_path / "single" / "summary.json").read_text())["final_train_loss"]
+    for stage, j in jobs.items():
+        assert ended(cluster, j)["JobState"] == "COMPLETED", log(tmp_path / stage, j)[-3000:]
+        summary = json.loads((tmp_path / stage / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["final_train_loss"] == pytest.approx(final, rel=1e-5), stage
+        assert_curves_close(tmp_path / "single", tmp_path / stage, rel=1e-4)
+    script = (tmp_path / "zero1" / "launch" / "slurm.sbatch").read_text()
+    assert "--gpus-per-node" not in script and f"srun --kill-on-bad-exit=1 {BIN}/torchrun " in script  # CPU processes ask for no GPUs
+
+
+def test_time_limit_preemption_and_scancel_each_checkpoint_and_the_run_goes_on_as_if_never_stopped(cluster, uninterrupted, tmp_path):
+    """The time-limit warning (USR1 to the batch shell): saved, requeued by the job itself. Preemption (scontrol
+    requeue: SIGTERM to the tasks): saved, requeued by SLURM. scancel: saved, not requeued; the same mea-launch
+    command then finishes it. The losses equal the uninterrupted run's at every step, bitwise."""
+    run = tmp_path / "run"
+    j = job_id(launch(cluster, run))
+    stops = [("time limit", ["scancel", "--signal=USR1", "--batch", j]), ("preemption", ["scontrol", "requeue", j]), ("scancel", ["scancel", j])]
+    for restarts, (name, command) in enumerate(stops):
+        resumed_at = saved_step(run)
+        wait_for(lambda: steps_past(run, resumed_at), f"steps past {resumed_at} before the {name}", cluster, [j])
+        slurm(cluster, *command)
+        wait_for(lambda: saved_step(run) > resumed_at, f"the checkpoint of the {name}", cluster, [j])
+        state = wait_for(lambda: (s := job(cluster, j))["JobState"] == "CANCELLED" or int(s["Restarts"]) > restarts and s, f"job {j} after the {name}", cluster, [j])
+        assert int(job(cluster, j)["Restarts"]) == (restarts + 1 if name != "scancel" else restarts), state
+    assert ended(cluster, j)["JobState"] == "CANCELLED" and not (run / "summary.json").exists()
+    text = log(run, j)
+    assert text.count("stop signal: saved") == 3 and text.count("resuming from") == 2, text[-3000:]
+    again = job_id(launch(cluster, run))
+    assert ended(cluster, again)["JobState"] == "COMPLETED" and "resuming from" in log(run, again)
+    steps = [r["step"] for r in rows(run)]
+    assert steps == list(range(5, 151, 5))  # no gap, no repeated step
+    assert curve(run) == curve(uninterrupted)
+
+
+def test_a_refused_submission_prints_slurms_reason_and_leaves_the_run_directory_as_it_was(cluster, tmp_path):
+    for refused, reason in ((("--partition", "gpu-a100"), "invalid partition"), (("--nodes", "4"), "more processors requested than permitted")):
+        proc = launch(cluster, tmp_path / "run", *refused, check=False)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("error: sbatch refused the job: ") and reason in line.lower(), line
+        assert not (tmp_path / "run").exists()
+
+
+def test_smoke_check_reports_each_check_on_the_cluster(cluster, tmp_path):
+    proc = launch(cluster, tmp_path / "check", "--smoke", overrides=(*QUICK, "deepspeed=zero1"))
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["PASS rendezvous", "PASS run directory", "PASS all-reduce", "PASS first losses"], proc.stdout
+    assert "2 of 2 ranks on 2 node(s) (n1, n2)" in lines[0] and "GB/s" in lines[2] and "spread across ranks 0.00e+00" in lines[3]
+
+
+SWEEP = """
+name: arrays
+variants: [mea]
+sizes:
+  - {model: tiny, name: w32, tokens: 76800, overrides: [model.dim=32, model.n_heads=2]}
+  - {model: tiny, name: w64, tokens: 6144, overrides: [model.dim=64, model.n_heads=4]}
+lr_min: 1.0e-3
+lr_max: 1.0e-1
+lr_points: 3
+overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=10, trainer.eval_batches=1, trainer.sample_tokens=4,
+            scheduler.warmup_steps=2, trainer.checkpoint_every=1000]
+out: OUT
+"""
+ARRAY = ("hydra.launcher.partition=cpu", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=10")
+
+
+def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(cluster, tmp_path):
+    """submitit's warning (USR2) to one array task: the trainer saves, submitit requeues the task, and it resumes
+    from that checkpoint; results.csv and mea-fit follow."""
+    spec = tmp_path / "arrays.yaml"
+    spec.write_text(SWEEP.replace("OUT", str(tmp_path / "out")))
+    with started([str(BIN / "mea-sweep"), str(spec), "--slurm", "--", *ARRAY], env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sweep:
+        lease = wait_for(lambda: next((p for p in (tmp_path / "out").glob("w32/mea/*/lease.json") if steps_past(p.parent, 0)), None), "a task training", cluster, [])
+        run = lease.parent
+        task = json.loads(lease.read_text())["slurm_job"]
+        slurm(cluster, "scancel", "--signal=USR2", task)
+        wait_for(lambda: sweep.poll() is not None, "the sweep", cluster, [task], timeout=600)
+        out = sweep.stdout.read()
+    assert sweep.returncode == 0, out[-3000:]
+    (task_log,) = [text for p in (tmp_path / "out" / "w32" / ".submitit").glob("*/*_log.out") if f"run directory: {run}\n" in (text := p.read_text())]
+    for said in ("stop signal: saved", "Requeued job", f"resuming from {run}/checkpoints/step-"):  # the trainer saved, submitit requeued
+        assert said in task_log, task_log[-3000:]
+    steps = [r["step"] for r in rows(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == 300
+    results = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(results) == 7
+    fit = run_cli("sweeps/fit.py", "lr-law", str(tmp_path / "out" / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
+    assert fit.returncode == 0 and (tmp_path / "fit" / "fit.json").is_file(), fit.stderr[-2000:]
