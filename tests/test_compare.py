@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_model
 
 from mea.config import load_config
-from mea.export import load_pretrained
+from mea.pretrained import load_pretrained
 from mea.models import LM
 
 from .conftest import QUICK, run_cli
@@ -33,7 +33,7 @@ def metrics(run_dir):
 
 def test_compare_report_matches_the_runs(runs, tmp_path):
     out = tmp_path / "report"
-    proc = run_cli("-m", "mea.compare", *map(str, runs.values()), "--baseline", "mha", "--out", str(out))
+    proc = run_cli("-m", "mea.tools.compare", *map(str, runs.values()), "--baseline", "mha", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     for name in ("loss_vs_tokens.png", "loss_vs_tokens.svg", "delta_vs_baseline.png", "report.md", "report.html"):
         assert (out / name).stat().st_size > 500
@@ -57,18 +57,18 @@ def test_compare_report_matches_the_runs(runs, tmp_path):
 def test_compare_warns_on_different_data_and_errors_on_missing_runs(runs, tmp_path, shakespeare):
     other = tmp_path / "other"
     assert run_cli("train.py", *ARGS, "data=tinyshakespeare", f"data.source={shakespeare}", f"hydra.run.dir={other}").returncode == 0
-    proc = run_cli("-m", "mea.compare", str(runs["mha-0"]), str(other), "--out", str(tmp_path / "r"))
+    proc = run_cli("-m", "mea.tools.compare", str(runs["mha-0"]), str(other), "--out", str(tmp_path / "r"))
     assert proc.returncode == 0 and "trained on different data or tokenizers" in proc.stderr
     assert "Warning" in (tmp_path / "r" / "report.md").read_text()
-    missing = run_cli("-m", "mea.compare", str(tmp_path / "nope"), "--out", str(tmp_path / "r2"))
+    missing = run_cli("-m", "mea.tools.compare", str(tmp_path / "nope"), "--out", str(tmp_path / "r2"))
     assert missing.returncode == 2 and "is not a run directory" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = run_cli("-m", "mea.compare", str(tmp_path / "empty"), "--out", str(tmp_path / "r3"))
+    empty = run_cli("-m", "mea.tools.compare", str(tmp_path / "empty"), "--out", str(tmp_path / "r3"))
     assert empty.returncode == 2 and "lacks config.yaml, metrics.jsonl, summary.json" in empty.stderr
 
 
 def test_wandb_source_without_network_says_so(tmp_path):
-    proc = run_cli("-m", "mea.compare", "--wandb", "me/mea", "--group", "g", "--out", str(tmp_path), env={"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40})
+    proc = run_cli("-m", "mea.tools.compare", "--wandb", "me/mea", "--group", "g", "--out", str(tmp_path), env={"WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": "x" * 40})
     assert proc.returncode == 2 and "cannot reach W&B" in proc.stderr and "offline" in proc.stderr and "mea-compare RUN_DIR" in proc.stderr
 
 
@@ -77,7 +77,7 @@ def test_export_load_gives_identical_logits_and_generates(runs, tmp_path, source
     run_dir = runs["mea-0"]
     path = run_dir if source == "run" else run_dir / "checkpoints" / "step-0000020"
     out = tmp_path / "exported"
-    proc = run_cli("-m", "mea.export", str(path), str(out))
+    proc = run_cli("-m", "mea.tools.export", str(path), str(out))
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(run_dir / "config.yaml")
     original = LM(cfg.model, cfg.attention).eval()
@@ -86,7 +86,7 @@ def test_export_load_gives_identical_logits_and_generates(runs, tmp_path, source
     x = torch.randint(0, cfg.model.vocab_size, (2, 32))
     assert torch.equal(loaded(x), original(x))
     assert tokenizer.get_vocab_size() == cfg.model.vocab_size
-    gen = run_cli("-c", "from mea.export import generate_main; generate_main()", str(out), "--prompt", "def ", "--tokens", "12")
+    gen = run_cli("-c", "from mea.tools.export import generate_main; generate_main()", str(out), "--prompt", "def ", "--tokens", "12")
     assert gen.returncode == 0 and gen.stdout.startswith("def ") and len(gen.stdout) > 6
 
 
@@ -97,7 +97,7 @@ def test_export_refuses_weights_of_another_shape(runs, tmp_path):
     shutil.copytree(runs["mea-0"], fake)
     text = (fake / "config.yaml").read_text().replace("n_layers: 4", "n_layers: 3")
     (fake / "config.yaml").write_text(text)
-    proc = run_cli("-m", "mea.export", str(fake), str(tmp_path / "o"))
+    proc = run_cli("-m", "mea.tools.export", str(fake), str(tmp_path / "o"))
     assert proc.returncode == 2 and "do not fit its model config" in proc.stderr and "blocks.3" in proc.stderr
     assert not (tmp_path / "o").exists()
 
@@ -105,7 +105,7 @@ def test_export_refuses_weights_of_another_shape(runs, tmp_path):
 def test_wandb_workspace_plots_what_the_runs_log(runs):
     """The saved workspace (built here; saving it needs W&B online) filters to the group, groups by arm, and every
     panel's axis and metric is a key the trainer logs, as the arm is a key of the run's config."""
-    from mea.workspace import comparison_workspace
+    from mea.tools.workspace import comparison_workspace
 
     view = comparison_workspace("team/mea", "exp1")._to_model().model_dump(by_alias=True, exclude_none=True)
     runset = view["spec"]["section"]["runSets"][0]

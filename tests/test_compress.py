@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from mea.compress import compress, parse_layers
-from mea.export import load_pretrained
-from mea.kv_report import kv_bytes_per_token
+from mea.tools.compress import compress, parse_layers
+from mea.pretrained import load_pretrained
+from mea.tools.kv_report import kv_bytes_per_token
 from mea.models import LM, ModelConfig
 from mea.models.attention.diff import DiffConfig
 from mea.models.attention.mea import MEAConfig
@@ -76,15 +76,15 @@ def test_kv_report_counts_what_the_cache_holds():
     caches = m.new_caches()
     m(X[:1, :10], caches=caches)
     assert sum(c.nbytes for c in caches) == 10 * kv_bytes_per_token(cfg, 4)
-    proc = run_cli("-m", "mea.kv_report", "--model", "25m", "--memory-gib", "16")
+    proc = run_cli("-m", "mea.tools.kv_report", "--model", "25m", "--memory-gib", "16")
     assert proc.returncode == 0 and "| mea virtual heads (G = 4) | 8,192 | 0.50 |" in proc.stdout
 
 
 def test_compressed_checkpoint_loads_generates_and_recovers(tmp_path):
     run = tmp_path / "run"
     assert run_cli("train.py", *QUICK, "attention=mea", "trainer.max_steps=40", "trainer.eval_every=40", f"hydra.run.dir={run}").returncode == 0
-    assert run_cli("-m", "mea.export", str(run), str(tmp_path / "exported")).returncode == 0
-    proc = run_cli("-m", "mea.compress", str(tmp_path / "exported"), str(tmp_path / "small"), "--kv-heads", "2", "--layers", "middle")
+    assert run_cli("-m", "mea.tools.export", str(run), str(tmp_path / "exported")).returncode == 0
+    proc = run_cli("-m", "mea.tools.compress", str(tmp_path / "exported"), str(tmp_path / "small"), "--kv-heads", "2", "--layers", "middle")
     assert proc.returncode == 0, proc.stderr
     assert "layer   1: 2 KV heads" in proc.stdout and "layer   0" not in proc.stdout
     small, tok = load_pretrained(tmp_path / "small")

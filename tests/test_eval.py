@@ -8,7 +8,7 @@ from lm_eval.api.instance import Instance
 
 from mea.eval.harness import MEAHarnessModel
 from mea.eval.perplexity import evaluate
-from mea.export import load_pretrained
+from mea.pretrained import load_pretrained
 
 from .conftest import QUICK, run_cli
 
@@ -38,7 +38,7 @@ DOCS = [  # lm-eval joins question and choice with its target delimiter, a space
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     assert run_cli("train.py", *QUICK, "trainer.max_steps=30", f"hydra.run.dir={root / 'run'}").returncode == 0
-    assert run_cli("-m", "mea.export", str(root / "run"), str(root / "exported")).returncode == 0
+    assert run_cli("-m", "mea.tools.export", str(root / "run"), str(root / "exported")).returncode == 0
     return root
 
 

@@ -3,7 +3,7 @@ import csv
 import json
 import re
 
-from mea.init_audit import finding
+from mea.studies.init_audit import finding
 from mea.runs import code_version
 from mea.scaling.sweep import load_spec
 
@@ -42,15 +42,15 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
                              ("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
                              ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)")]:
         spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
-        proc = run_cli("-m", "mea.experiment", str(spec))
+        proc = run_cli("-m", "mea.studies.experiment", str(spec))
         assert proc.returncode == 2 and error in proc.stderr, proc.stderr
         assert not (tmp_path / "runs").exists()
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("kv_heads: [2]", "kv_heads: [2, 4]"))
-    proc = run_cli("-m", "mea.experiment", str(spec))
+    proc = run_cli("-m", "mea.studies.experiment", str(spec))
     assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr
     assert not (tmp_path / "runs").exists()
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("paper_small_2026-11-25.md", "paper_small_1999.md"))
-    proc = run_cli("-m", "mea.experiment", str(spec))
+    proc = run_cli("-m", "mea.studies.experiment", str(spec))
     assert proc.returncode == 2 and "previous_report=docs/results/paper_small_1999.md does not exist; give an existing file or leave previous_report out" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -58,7 +58,7 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
 def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     spec = tmp_path / "micro.yaml"
     spec.write_text(SPEC.format(out=tmp_path, shakespeare=shakespeare))
-    proc = run_cli("-m", "mea.experiment", str(spec), timeout=1200)
+    proc = run_cli("-m", "mea.studies.experiment", str(spec), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = (tmp_path / "results" / "micro.md").read_text()
     for heading in ("## Reading against the paper", "## LR laws", "## From-scratch comparison", "### second corpus", "## KV-cache compression"):
@@ -96,10 +96,10 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     row = re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| ([\d.]+) \| ", report)
     recovery_curve = [json.loads(line) for line in (tmp_path / "runs" / "compression" / "kv2-all-recover" / "metrics.jsonl").read_text().splitlines()]
     assert abs(float(row.group(1)) - recovery_curve[-1]["val_loss"]) < 1e-3  # the recovery curve is read on mea-eval's windows
-    again = run_cli("-m", "mea.experiment", str(spec), timeout=600)  # resumable: a second sitting trains nothing
+    again = run_cli("-m", "mea.studies.experiment", str(spec), timeout=600)  # resumable: a second sitting trains nothing
     assert again.returncode == 0 and "is already done" in again.stdout and "it/s" not in again.stderr
     spec.write_text(spec.read_text().replace("tokens: 4096, overrides: [model.dim=96", "tokens: 8192, overrides: [model.dim=96"))
-    changed = run_cli("-m", "mea.experiment", str(spec), timeout=600)  # a changed spec never reuses runs made under the old one
+    changed = run_cli("-m", "mea.studies.experiment", str(spec), timeout=600)  # a changed spec never reuses runs made under the old one
     assert changed.returncode == 2 and "holds another run than the spec now asks (trainer.max_steps: 16 recorded, 32 now)" in changed.stderr
     with open(tmp_path / "runs" / "stability" / "results.csv") as f:  # the grid continued at the largest size: lr 1.0
         probe = {r["variant"]: r for r in csv.DictReader(f)}
@@ -134,7 +134,7 @@ def test_init_audit_reads_every_number_from_its_runs(tmp_path):
     spec = tmp_path / "audit.yaml"
     spec.write_text(AUDIT.format(out=tmp_path))
     report = tmp_path / "audit.md"
-    proc = run_cli("-m", "mea.init_audit", str(spec), "--seeds", "1", "--report", str(report), timeout=900)
+    proc = run_cli("-m", "mea.studies.init_audit", str(spec), "--seeds", "1", "--report", str(report), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = report.read_text()
     with open(tmp_path / "runs" / "results.csv") as f:
@@ -165,7 +165,7 @@ def test_init_audit_reads_every_number_from_its_runs(tmp_path):
 
 
 def test_a_scheme_passes_the_audit_only_when_it_handicaps_no_variant_beyond_noise():
-    from mea.init_audit import verdicts
+    from mea.studies.init_audit import verdicts
 
     best = {("d64", "mha", "gpt2"): {"loss": 3.70}, ("d64", "mha", "llama"): {"loss": 3.72},
             ("d64", "mea", "gpt2"): {"loss": 4.30}, ("d64", "mea", "llama"): {"loss": 3.69}}
@@ -176,7 +176,7 @@ def test_a_scheme_passes_the_audit_only_when_it_handicaps_no_variant_beyond_nois
 def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     from types import SimpleNamespace
 
-    from mea.report import claims
+    from mea.studies.report import claims
 
     def arm(name, loss, std=0.01, seeds=3):
         return {"variant": name, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds}

@@ -218,7 +218,7 @@ def test_an_amendment_is_recorded_and_shown_by_compare(killed_after_step_20, tmp
     assert amendment["step"] == 20 and amendment["changes"] == {"optim.lr": [0.003, 0.01]}
     assert RunDirectory(run_dir).identity()["optim.lr"] == 0.01 and load_config(run_dir / "config.yaml").optim.lr == 0.01
     assert train(run_dir, "optim.lr=0.01").returncode == 0  # the amended identity is the run's own from now on
-    compare = run_cli("-m", "mea.compare", str(run_dir), "--out", str(tmp_path / "report"))
+    compare = run_cli("-m", "mea.tools.compare", str(run_dir), "--out", str(tmp_path / "report"))
     assert compare.returncode == 0, compare.stderr
     assert f"{run_dir} was amended at step 20 (optim.lr: 0.003 recorded, 0.01 now)" in (tmp_path / "report" / "report.md").read_text()
     finished = one_line_error(train(run_dir, "optim.lr=0.02", "trainer.amend=[optim.lr]"))

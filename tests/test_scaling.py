@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mea.compare import best_runs
-from mea.report import largest_size_runs
+from mea.tools.compare import best_runs
+from mea.studies.report import largest_size_runs
 from mea.run_directory import RunDirectory
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
 from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained

@@ -13,7 +13,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from mea.data.tokenizer import eod_id
-from mea.export import load_pretrained
+from mea.pretrained import load_pretrained
 
 
 @register_model("mea")

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from mea.config import ConfigError, compose_config
 from mea.data import DataError, TokenWindows, prepare, validation_batches
-from mea.export import load_pretrained
+from mea.pretrained import load_pretrained
 from mea.runs import RunError
 
 EVAL_WINDOWS = 256  # the first windows of the validation split: the same set for every model

@@ -30,9 +30,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from mea.compare import DYNAMICS_NOTE, plot_dynamics
 from mea.config import load_config
-from mea.experiment import train
 from mea.models import LM, variant_class
 from mea.models.attention.base import HeadNorm, HeadShape
 from mea.models.dynamics import measure
@@ -41,6 +39,8 @@ from mea.plotting import plt, save_figure
 from mea.runs import read_run
 from mea.scaling.plots import LINESTYLES
 from mea.scaling.sweep import SweepError, SweepSpec, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
+from mea.studies.protocol import train
+from mea.tools.compare import DYNAMICS_NOTE, plot_dynamics
 
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from mea.models import LM, REGISTRY, ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -21,15 +20,16 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mea.compare import compare
-from mea.compress import CONVERTIBLE, compress, parse_layers, write_compressed
 from mea.eval.perplexity import EVAL_WINDOWS, evaluate
-from mea.export import export, load_pretrained
-from mea.kv_report import kv_bytes_per_token
 from mea.models import LM
 from mea.models.attention.mha import MHAConfig
-from mea.run_directory import RunDirectory, describe
-from mea.scaling.sweep import ROOT, SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, planned_identity, read_results, run_sweep, trained
+from mea.pretrained import load_pretrained
+from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, read_results, run_sweep, trained
+from mea.studies.protocol import train
+from mea.tools.compare import compare
+from mea.tools.compress import CONVERTIBLE, compress, parse_layers, write_compressed
+from mea.tools.export import export
+from mea.tools.kv_report import kv_bytes_per_token
 
 
 @dataclass
@@ -91,17 +91,6 @@ def load_protocol(path: Path) -> Protocol:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Protocol), raw))
     except OmegaConfBaseException as e:
         raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
-
-
-def train(run_dir: Path, overrides: list[str]) -> dict:
-    """One training run as a subprocess (resumes or skips by itself); its summary."""
-    if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
-        raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
-    if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
-        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
-        if code != 0 and not (run_dir / "summary.json").is_file():
-            raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int, group: str = "") -> list[str]:

@@ -14,31 +14,16 @@ from pathlib import Path
 
 import torch
 
-from mea.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
-from mea.init_audit import REFERENCE, finding
 from mea.plotting import plt, save_figure
 from mea.runs import made_with
 from mea.scaling.sweep import at_largest_size, load_spec, read_results
-
-
-def within_noise(delta: float, se: float) -> bool:
-    return se > 0 and abs(delta) <= 2 * se
-
-
-def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
-    if not math.isfinite(delta):
-        return "not measured"
-    if within_noise(delta, se):
-        return "within noise (|Δ| ≤ 2 standard errors)"
-    return "agrees" if (delta < 0) == better_if_negative else "disagrees"
+from mea.studies.init_audit import REFERENCE, finding
+from mea.studies.protocol import standard_error, verdict, within_noise
+from mea.tools.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
 
 
 def row_of(rows: list[dict], arm: str) -> dict | None:
     return next((r for r in rows if r["variant"] == arm), None)
-
-
-def standard_error(a: dict, b: dict) -> float:
-    return math.sqrt(a["final_val_loss_std"] ** 2 / a["seeds"] + b["final_val_loss_std"] ** 2 / b["seeds"])
 
 
 def largest_size_runs(results: Path, stability: Path | None) -> dict[str, dict[float, dict]]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
-from mea.models import LM, ModelConfig, variant_class
+from mea.pretrained import load_pretrained, model_from, write_model_folder
 from mea.runs import RunError, read_run
 
 
@@ -43,50 +42,13 @@ def export(source: Path, out: Path) -> Path:
     weights, model_cfg, attention_cfg, tokenizer = source_files(Path(source))
     if not weights.is_file():
         raise RunError(f"{source} has no model.safetensors; export a finished run or a checkpoint folder")
-    model = build(model_cfg, attention_cfg)
+    model = model_from(model_cfg, attention_cfg)
     try:
         load_model(model, str(weights))  # strict: the weights must fit the config
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise RunError(f"the weights in {weights} do not fit its model config ({detail}); export the run the weights came from") from None
     return write_model_folder(model, tokenizer, out)
-
-
-def write_model_folder(model: LM, tokenizer: Path | None, out: Path, extra: dict[str, dict] | None = None) -> Path:
-    """An export folder: weights, config.json, the tokenizer and any extra JSON files, renamed into place when complete."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"format": 1, "model": asdict(model.cfg), "attention": asdict(model.attention_cfg)}, indent=1))
-    if tokenizer is not None and tokenizer.is_file():
-        shutil.copy(tokenizer, tmp / "tokenizer.json")
-    for name, data in (extra or {}).items():
-        (tmp / name).write_text(json.dumps(data, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def build(model_cfg: dict, attention_cfg: dict) -> LM:
-    attention = variant_class(attention_cfg["name"]).Config(**attention_cfg)
-    return LM(ModelConfig(**model_cfg), attention)
-
-
-def load_pretrained(path: Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer or None) from an export folder."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise RunError(f"{path} has no config.json; give a folder written by mea-export")
-    config = json.loads((path / "config.json").read_text())
-    model = build(config["model"], config["attention"])
-    load_model(model, str(path / "model.safetensors"), device=device)
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return model.to(device).eval(), tokenizer
 
 
 def export_main(argv: list[str] | None = None) -> None:

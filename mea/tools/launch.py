@@ -10,7 +10,7 @@ torchrun per node. `--procs-per-node` (or its older name `--gpus-per-node`) is t
 on a node: GPUs, or CPU processes with `--env DS_ACCELERATOR=cpu`, for which SLURM is asked for no GPUs. The
 command checks the shape against the batch settings, writes the rendered script and the resolved config into
 `<run-dir>/launch/`, then submits or runs it; `--dry-run` only prints, `--smoke` submits a short check of the
-cluster (mea.cluster_check) on the same shape and waits for its lines.
+cluster (mea.tools.cluster_check) on the same shape and waits for its lines.
 
 Under SLURM a job is stopped three ways, and each ends with every rank's checkpoint at one agreed step:
 - the time-limit warning (`--signal=B:USR1@…`, to the batch shell): the script sends SIGTERM to the tasks (each
@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from mea.config import ConfigError, compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "train.py"
 
 
@@ -62,7 +62,7 @@ def train_args(overrides: list[str], run_dir: str) -> list[str]:
 
 
 def smoke_args(overrides: list[str], run_dir: str) -> list[str]:
-    return ["-m", "mea.cluster_check", run_dir, *overrides]
+    return ["-m", "mea.tools.cluster_check", run_dir, *overrides]
 
 
 def check_batch(overrides: list[str], shape: Shape, run_dir: str):
@@ -301,7 +301,7 @@ def launch(argv: list[str]) -> int:
 
 def report_smoke(run_dir: Path, code: int) -> int:
     """The cluster check's lines, from the job's log; 0 only if the job ran and every check passed."""
-    from mea.cluster_check import REPORT
+    from mea.tools.cluster_check import REPORT
 
     report = run_dir / REPORT
     if not report.is_file():

@@ -1,6 +1,6 @@
 """`mea-launch slurm --smoke`: the first job to run on a new cluster, on the shape a training run will use.
 
-    torchrun ... -m mea.cluster_check RUN_DIR [overrides]
+    torchrun ... -m mea.tools.cluster_check RUN_DIR [overrides]
 
 Every rank runs four checks and rank 0 writes one line per check to RUN_DIR/cluster-check/report.txt:
 - rendezvous: the ranks found each other, as many as torchrun was told, on the nodes SLURM gave;

@@ -1,4 +1,4 @@
-"""`mea-compare` / `python -m mea.compare`: loss curves, differences to a baseline, a table and a report.
+"""`mea-compare` / `python -m mea.tools.compare`: loss curves, differences to a baseline, a table and a report.
 
     mea-compare runs/a runs/b runs/c --baseline mha --out report/
     mea-compare --results runs/sweeps/example/results.csv --out report/     # every run of a sweep, plus LR curves
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             run_dirs += wandb_runs(args.wandb, args.group, args.out / "wandb_runs")
         report = compare(run_dirs, args.out, args.baseline, args.results, args.smoothing, args.log_x)
         if args.wandb:
-            from mea.workspace import save_workspace
+            from mea.tools.workspace import save_workspace
 
             print(f"saved the W&B workspace {save_workspace(args.wandb, args.group, args.smoothing)}")
     except RunError as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mea.export import load_pretrained, write_model_folder
+from mea.pretrained import load_pretrained, write_model_folder
 from mea.models import LM
 from mea.models.attention.mea import ExplicitAttention, MEAConfig, grouped_identity
 from mea.runs import RunError

@@ -1,0 +1,40 @@
+"""What every study is built from, over the library: one training run as a subprocess that resumes or skips by
+itself (and refuses a run directory that holds another run), and the noise rule its claims are read with.
+A study (mea.studies.*) is a spec plus a little code on top of these, mea.scaling.sweep and the tools."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from mea.run_directory import RunDirectory, describe
+from mea.scaling.sweep import ROOT, SweepError, planned_identity
+
+
+def train(run_dir: Path, overrides: list[str]) -> dict:
+    """One training run as a subprocess (resumes or skips by itself); its summary."""
+    if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
+        raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
+    if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
+        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
+        if code != 0 and not (run_dir / "summary.json").is_file():
+            raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def within_noise(delta: float, se: float) -> bool:
+    return se > 0 and abs(delta) <= 2 * se
+
+
+def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
+    if not math.isfinite(delta):
+        return "not measured"
+    if within_noise(delta, se):
+        return "within noise (|Δ| ≤ 2 standard errors)"
+    return "agrees" if (delta < 0) == better_if_negative else "disagrees"
+
+
+def standard_error(a: dict, b: dict) -> float:
+    return math.sqrt(a["final_val_loss_std"] ** 2 / a["seeds"] + b["final_val_loss_std"] ** 2 / b["seeds"])
