@@ -3,6 +3,7 @@ import csv
 import json
 import re
 
+from mea.scaling.effects import Bracket, difference
 from mea.studies.init_audit import finding
 from mea.runs import code_version
 from mea.scaling.sweep import load_spec
@@ -31,6 +32,7 @@ sweep:
   overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
 target: {{model: tiny, name: w96, tokens: 4096, overrides: [model.dim=96, model.n_heads=4], seeds: [0, 1]}}
 lr_checks: {{mha_gqa: mha}}
+lr_bracket: {{factors: [0.5, 1, 2], arms: [mha, mea]}}
 compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
 second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512], seeds: [0], tokens: 2048}}
 """
@@ -40,7 +42,10 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     spec = tmp_path / "bad.yaml"
     for good, bad, error in [("tokens: 2048}", "tokens: -1}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
                              ("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
-                             ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)")]:
+                             ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)"),
+                             ("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
+                             ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)"),
+                             ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)")]:
         spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
         proc = run_cli("-m", "mea.studies.experiment", str(spec))
         assert proc.returncode == 2 and error in proc.stderr, proc.stderr
@@ -61,8 +66,15 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     proc = run_cli("-m", "mea.studies.experiment", str(spec), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = (tmp_path / "results" / "micro.md").read_text()
-    for heading in ("## Reading against the paper", "## LR laws", "## From-scratch comparison", "### second corpus", "## KV-cache compression"):
+    for heading in ("## Reading against the paper", "## LR laws", "## LR brackets at the target", "## From-scratch comparison", "### second corpus", "## KV-cache compression"):
         assert heading in report
+    section = report.split("## LR brackets at the target")[1].split("## From-scratch comparison")[0].splitlines()
+    columns = [c.strip() for c in next(line for line in section if line.startswith("| arm |")).strip("|").split("|")]
+    for arm in ("mha", "mea"):  # the bracket's losses are its runs' own, ×1 being the comparison's seed 0
+        cells = dict(zip(columns, [c.strip() for c in next(line for line in section if line.startswith(f"| {arm} |")).strip("|").split("|")]))
+        for factor, run in (("0.5", f"lr-bracket/{arm}/x0.5"), ("1", f"compare-main/{arm}/s0"), ("2", f"lr-bracket/{arm}/x2")):
+            assert abs(float(cells[f"×{factor}"]) - json.loads((tmp_path / "runs" / run / "summary.json").read_text())["final_val_loss"]) < 1e-4, (arm, factor)
+    assert "**Were the laws' LRs near each arm's optimum at the target?** Bracketed (mha, mea)" in report
     for image in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (tmp_path / "results" / image).is_file(), image
     with open(tmp_path / "runs" / "sweep" / "results.csv") as f:
@@ -178,23 +190,42 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
 
     from mea.studies.report import claims
 
-    def arm(name, loss, std=0.01, seeds=3):
-        return {"variant": name, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds}
+    def arm(name, loss, std=0.01, seeds=3):  # three seeds at loss - std, loss, loss + std: their mean and std
+        return {"variant": name, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds, "final_val_losses": [loss - std, loss, loss + std]}
 
     rows = [arm("mha", 3.70), arm("mha_gn", 3.68), arm("mea", 3.60), arm("diff", 3.75), arm("diff_nonorm", 3.72),
             arm("mha_gqa", 3.80), arm("mea_virtual", 3.62, std=0.2)]
     lrs = {"mha": {"lr": 2e-3}, "mha_gqa": {"lr": 1e-3}}
-    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {}, {"mha_gqa": {"other": "mha", "row": arm("mha_gqa", 3.64)}})
-    assert "**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees." in said
+    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {}, {"mha_gqa": {"other": "mha", "row": arm("mha_gqa", 3.64)}}, {})
+    welch = difference(rows[2]["final_val_losses"], rows[0]["final_val_losses"])
+    assert (f"**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees, 95% interval {welch.interval[0]:+.4f} to "
+            f"{welch.interval[1]:+.4f} (Welch); {welch.seeds_to_resolve} seeds an arm resolve it.") in said
     assert "Δ(mha_gn) = -0.0200 against Δ(mea) = -0.1000 (share 0.20): agrees" in said[1]
     assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
     rows[4] = arm("diff_nonorm", 3.72, std=0.05)  # seeds 0.05 apart: 0.03 closer is within noise
     assert "diff without norm +0.0200: within noise (|Δ| ≤ 2 standard errors) (the loss of diff without norm is closer to" in claims(
-        SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {})[2]
+        SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {}, {})[2]
     # 0.18 apart, but mea_virtual's seeds spread 0.2: the standard error is 0.116, so the claim is within noise
-    assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors). What halving the cache costs each against its full-cache arm: "
+    assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors), 95% interval" in said[3] and "these seeds could see a Δ of" in said[3]
+            and "What halving the cache costs each against its full-cache arm: "
             "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors). "
-            "Against mha_gqa trained at mha's LR (0.002): Δ = -0.0200, within noise (|Δ| ≤ 2 standard errors).") in said[3]
+            "Against mha_gqa trained at mha's LR (0.002): Δ = -0.0200, within noise (|Δ| ≤ 2 standard errors), 95% interval") in said[3]
     # trained at mha's LR, mha_gqa is 0.16 lower, 8 standard errors apart: its own law's LR handicapped it
     assert said[4] == ("**Checked: did its law's LR handicap mha_gqa?** Trained at mha's LR (0.002) instead of its own (0.001): 3.6400 ± 0.0100 against "
                        "3.8000 ± 0.0100 (3 vs 3 seeds): Δ = -0.1600, its own law's LR handicapped it: read the claims on mha_gqa with this.")
+
+
+def test_the_bracket_claim_says_whether_a_missed_lr_could_move_a_reading():
+    from types import SimpleNamespace
+
+    from mea.studies.report import claims
+
+    rows = [{"variant": v, "final_val_loss": loss, "final_val_loss_std": 0.01, "seeds": 3, "final_val_losses": [loss - 0.01, loss, loss + 0.01],
+             "delta_vs_baseline": loss - 3.70} for v, loss in (("mha", 3.70), ("mea", 3.68))]
+    def brackets(regret, extend=None):
+        return {"mea": {"bracket": Bracket(2e-3, 3e-3, 3.66, regret, False, extend, 4 if extend else None), "factors": [0.5, 1, 2], "losses": [3.7, 3.68, 3.66]}}
+    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {}, brackets(0.03))[0]
+    assert said.startswith("**Were the laws' LRs near each arm's optimum at the target?** Bracketed (mea): the largest regret of a law's LR is mea's, +0.0300")
+    assert "The smallest gap to mha read here is mea's, 0.0200: the regret of mea is as large, so a verified LR could change that reading." in said
+    small = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {}, brackets(0.005, extend="higher"))[0]
+    assert "every regret is smaller, so no reading rests on a missed LR." in small and "Still at the bracket's edge after one extension: mea" in small

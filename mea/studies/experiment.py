@@ -24,6 +24,8 @@ from mea.eval.perplexity import EVAL_WINDOWS, evaluate
 from mea.models import LM
 from mea.models.attention.mha import MHAConfig
 from mea.pretrained import load_pretrained
+from mea.scaling.effects import check_factors, lr_bracket
+from mea.scaling.laws import FitError
 from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, read_results, run_sweep, trained
 from mea.studies.protocol import train
 from mea.tools.compare import compare
@@ -61,6 +63,16 @@ class SecondCorpus:
 
 
 @dataclass
+class LRBracket:
+    """Each arm also trained at the target at its law's LR × these factors (the first seed; ×1 is its comparison
+    run), extended one factor beyond an edge where the best lies there: how far the law's LR is from the arm's
+    own optimum (mea.scaling.effects.lr_bracket). No factors: no bracket."""
+
+    factors: list[float] = field(default_factory=list)
+    arms: list[str] = field(default_factory=list)  # which arms; none: every arm
+
+
+@dataclass
 class Protocol:
     name: str
     sweep: SweepSpec
@@ -74,6 +86,7 @@ class Protocol:
     # arm -> another arm: the first is also trained from scratch at the second's LR (the target's seeds), to measure
     # whether its own law's LR handicapped it (a law resting on fewer sizes, an exponent unlike the others')
     lr_checks: dict[str, str] = field(default_factory=dict)
+    lr_bracket: LRBracket = field(default_factory=LRBracket)
     init_audit: str = ""  # the init audit's spec: its finding, read from its runs, opens "What changed"
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
@@ -131,6 +144,29 @@ def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
             best = best_by_arm(at_largest_size(mine))[arm]
             out[arm] = {"lr": float(best["lr"]), "ci": None, "source": f"no law ({law.get('message', 'no optimum')}); best swept LR at the largest size"}
     return out
+
+
+def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
+    """Each bracketed arm's reading (a Bracket) with the factors run and their final validation losses."""
+    seed, readings = p.target.seeds[0], {}
+    for arm in (p.lr_bracket.arms or list(lrs)) if p.lr_bracket.factors else []:
+        law_lr, noise = lrs[arm]["lr"], next(r for r in rows if r["variant"] == arm)["final_val_loss_std"]
+        factors = sorted(p.lr_bracket.factors)
+        for extended in (False, True):
+            losses = [bracket_loss(p, out, arm, law_lr, factor, seed) for factor in factors]
+            bracket = lr_bracket(law_lr, factors, losses, noise)
+            if bracket.extend is None or extended:
+                break
+            factors = sorted([*factors, bracket.next_factor])
+        readings[arm] = {"bracket": bracket, "factors": factors, "losses": losses}
+    return readings
+
+
+def bracket_loss(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> float:
+    """The final validation loss at law_lr × factor (NaN if it diverged); ×1 is the comparison's own run."""
+    run_dir = out / "compare-main" / arm / f"s{seed}" if factor == 1 else out / "lr-bracket" / arm / f"x{factor:g}"
+    summary = train(run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=f"{p.name}-lr-bracket"))
+    return math.nan if summary.get("diverged") else summary["final_val_loss"]
 
 
 @torch.no_grad()
@@ -205,6 +241,15 @@ def check(p: Protocol) -> None:
         if getattr(p, key) and not Path(getattr(p, key)).is_file():
             raise SweepError(f"{key}={getattr(p, key)} does not exist; give an existing file or leave {key} out")
     arms = p.sweep.arm_overrides()
+    if p.baseline not in arms:
+        raise SweepError(f"baseline={p.baseline} is not one of the arms ({', '.join(arms)}); name the arm the others are compared with")
+    if p.lr_bracket.factors:
+        try:
+            check_factors(p.lr_bracket.factors)
+        except FitError as e:
+            raise SweepError(f"lr_bracket.{e}") from None
+    if unknown := [arm for arm in p.lr_bracket.arms if arm not in arms]:
+        raise SweepError(f"lr_bracket.arms: {', '.join(unknown)} is not one of the arms ({', '.join(arms)})")
     for arm, other in p.lr_checks.items():
         if arm not in arms or other not in arms or arm == other:
             raise SweepError(f"lr_checks: {{{arm}: {other}}} must name two different arms ({', '.join(arms)})")
@@ -242,12 +287,13 @@ def run(p: Protocol) -> Path:
         name = f"{arm}-at-{other}-lr"  # in a W&B group apart from the comparison's, which keeps one LR per arm
         dirs = train_seeds(p, out / "lr-check" / name, arm, lrs[other]["lr"], p.target.seeds, [], p.target.tokens, group=f"{p.name}-lr-check")
         lr_checks[arm] = {"other": other, "row": compare(dirs, out / "report-lr-check" / name, arm)["rows"][0]}
+    brackets = lr_brackets(p, out, lrs, comparisons["main"]["rows"])
     common = [*p.sweep.overrides, *p.target.overrides]
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
     compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
     from .report import write_report
 
-    return write_report(p, fit, lrs, comparisons, lr_checks, compression, results, stability, time.perf_counter() - started, Path(p.report))
+    return write_report(p, fit, lrs, comparisons, lr_checks, brackets, compression, results, stability, time.perf_counter() - started, Path(p.report))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mea.run_directory import RunDirectory, describe
+from mea.scaling.effects import difference
 from mea.scaling.sweep import ROOT, SweepError, planned_identity
 
 
@@ -38,3 +39,15 @@ def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
 
 def standard_error(a: dict, b: dict) -> float:
     return math.sqrt(a["final_val_loss_std"] ** 2 / a["seeds"] + b["final_val_loss_std"] ** 2 / b["seeds"])
+
+
+def reading(a: dict, b: dict, better_if_negative: bool = True) -> str:
+    """Δ = a − b between two comparison rows (mea.tools.compare): the 2-SE verdict, the Welch 95% interval over
+    seeds, and how many seeds an arm would resolve it (or, within noise, the smallest Δ these seeds could see)."""
+    d = difference(a["final_val_losses"], b["final_val_losses"])
+    said = verdict(d.delta, standard_error(a, b), better_if_negative)
+    if d.interval is None:
+        return f"{said}; one seed an arm: no interval"
+    power = (f"these seeds could see a Δ of {d.smallest_seen:.4f} (80% power); {d.seeds_to_resolve} seeds an arm would resolve this one"
+             if within_noise(d.delta, standard_error(a, b)) else f"{d.seeds_to_resolve} seeds an arm resolve it")
+    return f"{said}, 95% interval {d.interval[0]:+.4f} to {d.interval[1]:+.4f} (Welch); {power}"

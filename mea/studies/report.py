@@ -18,7 +18,8 @@ from mea.plotting import plt, save_figure
 from mea.runs import made_with
 from mea.scaling.sweep import at_largest_size, load_spec, read_results
 from mea.studies.init_audit import REFERENCE, finding
-from mea.studies.protocol import standard_error, verdict, within_noise
+from mea.scaling.effects import difference
+from mea.studies.protocol import reading, standard_error, verdict, within_noise
 from mea.tools.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
 
 
@@ -67,8 +68,38 @@ def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
 
 
-def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]], lr_checks: dict[str, dict]) -> list[str]:
-    out = []
+def bracket_claim(brackets: dict[str, dict], rows: list[dict], baseline: str) -> str:
+    """Whether any bracketed arm's law LR missed its optimum by more than the smallest gap the comparison reads."""
+    regrets = {arm: b["bracket"].regret for arm, b in brackets.items()}
+    worst = max(regrets, key=regrets.get)
+    gaps = {r["variant"]: abs(r["delta_vs_baseline"]) for r in rows if r["variant"] != baseline}
+    smallest = min(gaps, key=gaps.get) if gaps else None
+    open_edges = [arm for arm, b in brackets.items() if b["bracket"].extend]
+    said = (f"**Were the laws' LRs near each arm's optimum at the target?** Bracketed ({', '.join(brackets)}): the largest regret of a law's LR is "
+            f"{worst}'s, {regrets[worst]:+.4f} (its seeds' σ {next(r for r in rows if r['variant'] == worst)['final_val_loss_std']:.4f}).")
+    if smallest is not None:
+        moved = [arm for arm, regret in regrets.items() if regret >= gaps[smallest]]
+        said += (f" The smallest gap to {baseline} read here is {smallest}'s, {gaps[smallest]:.4f}: "
+                 + (f"the regret of {', '.join(moved)} is as large, so a verified LR could change that reading." if moved else "every regret is smaller, so no reading rests on a missed LR."))
+    if open_edges:
+        said += f" Still at the bracket's edge after one extension: {', '.join(open_edges)} (their best LR lies further out; read their regret as a lower bound)."
+    return said
+
+
+def bracket_table(brackets: dict[str, dict]) -> list[str]:
+    factors = sorted({f for b in brackets.values() for f in b["factors"]})
+    lines = ["| arm | law's LR | " + " | ".join(f"×{f:g}" for f in factors) + " | best LR | regret of the law's LR | reading |", "|---|---|" + "---|" * len(factors) + "---|---|---|"]
+    for arm, b in brackets.items():
+        loss = dict(zip(b["factors"], b["losses"]))
+        br = b["bracket"]
+        state = "flat within noise" if br.flat else f"best at the {br.extend} edge" if br.extend else "interior"
+        lines.append(f"| {arm} | {br.law_lr:.3g} | " + " | ".join(f"{loss[f]:.4f}" if f in loss and math.isfinite(loss[f]) else ("diverged" if f in loss else "–") for f in factors)
+                     + f" | {br.best_lr:.3g} | {br.regret:+.4f} | {state} |")
+    return lines
+
+
+def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]], lr_checks: dict[str, dict], brackets: dict[str, dict]) -> list[str]:
+    out = [bracket_claim(brackets, rows, p.baseline)] if brackets else []
     base = row_of(rows, p.baseline)
     mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
     if "mea" in lrs and p.baseline in lrs:
@@ -83,12 +114,12 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                    f"{'Agrees' if all(signs) else 'Partly agrees' if any(signs) else 'Disagrees'} at this scale ({sum(signs)} of these 3 point MEA's way).")
     if mea and base:
         delta = mea["final_val_loss"] - base["final_val_loss"]
-        out.append(f"**MEA reaches a lower validation loss than the Transformer.** Δ = {delta:+.4f} ({mea['seeds']} vs {base['seeds']} seeds): {verdict(delta, standard_error(mea, base))}.")
+        out.append(f"**MEA reaches a lower validation loss than the Transformer.** Δ = {delta:+.4f} ({mea['seeds']} vs {base['seeds']} seeds): {reading(mea, base)}.")
     if gn and mea and base:
         d_gn, d_mea = gn["final_val_loss"] - base["final_val_loss"], mea["final_val_loss"] - base["final_val_loss"]
         share = d_gn / d_mea if d_mea else math.nan
         out.append(f"**+GroupNorm alone carries part of the gain.** Δ(mha_gn) = {d_gn:+.4f} against Δ(mea) = {d_mea:+.4f} (share {share:.2f}): "
-                   f"{'agrees' if d_mea < 0 and 0 < share < 1 else 'does not show here'} ({verdict(d_gn, standard_error(gn, base))} for mha_gn alone).")
+                   f"{'agrees' if d_mea < 0 and 0 < share < 1 else 'does not show here'} ({reading(gn, base)} for mha_gn alone).")
     diff, nonorm = row_of(rows, "diff"), row_of(rows, "diff_nonorm")
     if diff and nonorm and base:
         gap, gap_nonorm = diff["final_val_loss"] - base["final_val_loss"], nonorm["final_val_loss"] - base["final_val_loss"]
@@ -104,10 +135,10 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                 cost = half["final_val_loss"] - full["final_val_loss"]
                 costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if within_noise(cost, standard_error(half, full)) else 'beyond'} 2 standard errors)")
         said = (f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
-                f"{verdict(delta, standard_error(virtual, gqa))}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
+                f"{reading(virtual, gqa)}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
         if check := lr_checks.get("mha_gqa"):
             fair = virtual["final_val_loss"] - check["row"]["final_val_loss"]
-            said += f" Against mha_gqa trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}): Δ = {fair:+.4f}, {verdict(fair, standard_error(virtual, check['row']))}."
+            said += f" Against mha_gqa trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}): Δ = {fair:+.4f}, {reading(virtual, check['row'])}."
         out.append(said)
     if len(compression) > 1:
         control = compression[0]  # the uncompressed model after the same continued pretraining
@@ -120,11 +151,11 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
         own, at = row_of(rows, arm), check["row"]
         if own:
             d = at["final_val_loss"] - own["final_val_loss"]
-            reading = ("within noise (|Δ| ≤ 2 standard errors)" if within_noise(d, standard_error(at, own))
+            outcome = ("within noise (|Δ| ≤ 2 standard errors)" if within_noise(d, standard_error(at, own))
                        else f"its own law's LR handicapped it: read the claims on {arm} with this" if d < 0 else "its own law's LR is the better one")
             out.append(f"**Checked: did its law's LR handicap {arm}?** Trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}) instead of its own ({lrs[arm]['lr']:.3g}): "
                        f"{at['final_val_loss']:.4f} ± {at['final_val_loss_std']:.4f} against {own['final_val_loss']:.4f} ± {own['final_val_loss_std']:.4f} "
-                       f"({at['seeds']} vs {own['seeds']} seeds): Δ = {d:+.4f}, {reading}.")
+                       f"({at['seeds']} vs {own['seeds']} seeds): Δ = {d:+.4f}, {outcome}.")
     return out
 
 
@@ -159,11 +190,17 @@ def what_changed(p, rows: list[dict], out: Path, report: Path) -> list[str]:
 
 
 def table(rows: list[dict], baseline: str) -> list[str]:
-    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | fall over the last fifth | tokens to {baseline}'s loss | tokens/s (median over seeds) |", "|---|---|---|---|---|---|---|"]
+    base = row_of(rows, baseline)
+    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | Δ 95% interval (Welch) | seeds to resolve Δ | fall over the last fifth | tokens to {baseline}'s loss | tokens/s (median over seeds) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if not math.isfinite(r["tokens_to_baseline_ratio"]) else f"{r['tokens_to_baseline_ratio']:.2f}×"
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {fmt(r['fall_last_fifth'], '+.4f', '')} | {ratio} | {r['tokens_per_s']:,.0f} |")
-    return lines + ["", FALL_NOTE]
+        d = difference(r["final_val_losses"], base["final_val_losses"]) if base and r is not base else None
+        interval = "–" if d is None or d.interval is None else f"{d.interval[0]:+.4f} to {d.interval[1]:+.4f}"
+        resolve = "–" if d is None or d.seeds_to_resolve is None else str(d.seeds_to_resolve)
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {interval} | {resolve} | "
+                     f"{fmt(r['fall_last_fifth'], '+.4f', '')} | {ratio} | {r['tokens_per_s']:,.0f} |")
+    return lines + ["", "Seeds to resolve Δ: per arm, for a two-sided 5% test with 80% power at the noise these seeds measured.", FALL_NOTE]
 
 
 def budget(runs: Path) -> str:
@@ -212,7 +249,8 @@ def recovery_plot(out: Path, compression_dir: Path, compression: list[dict]) -> 
     return save_figure(fig, out / "compression_recovery")
 
 
-def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str, dict], compression: list[dict], results: Path, stability: Path | None, wall_s: float, path: Path) -> Path:
+def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str, dict], brackets: dict[str, dict], compression: list[dict], results: Path, stability: Path | None,
+                 wall_s: float, path: Path) -> Path:
     out = Path(p.out)
     grid = largest_size_runs(results, stability)
     assets = path.with_suffix("")
@@ -231,7 +269,7 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str
              f"Made by `mea-experiment` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads · {training_time(out)} · wall time of this sitting {wall_s / 60:.1f} min (a re-run skips finished steps).", "",
              *commands(p, out), "",
-             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid, lr_checks)] + [""]
+             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid, lr_checks, brackets)] + [""]
     lines += what_changed(p, comparisons["main"]["rows"], out, path)
     lines += ["## LR laws", "", "| arm | a | b (95% interval) | sizes fitted | LR at the target (95% interval) | source |", "|---|---|---|---|---|---|"]
     for arm, chosen in lrs.items():
@@ -248,7 +286,12 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str
         lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["cells"]) + " |")
     lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "",
               f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if stability else ''}:", ""]
-    lines += stability_table(grid) + ["", "## From-scratch comparison", "",
+    lines += stability_table(grid) + [""]
+    if brackets:
+        lines += ["## LR brackets at the target", "", f"Each bracketed arm trained at the target at its law's LR × {', '.join(f'{f:g}' for f in sorted(p.lr_bracket.factors))} "
+                  f"(seed {p.target.seeds[0]}; ×1 is its comparison run), one factor further where the best lay at an edge. Best LR: the vertex of a quadratic in log LR "
+                  "through the lowest run and its neighbours; regret: the loss at the law's LR minus the best. Final validation loss:", ""] + bracket_table(brackets) + [""]
+    lines += ["## From-scratch comparison", "",
                                      "Validation loss at equal tokens, each arm at its own law's LR. Tokens/s are the runs' own, on whatever else "
                                      "the machine was doing; speed ratios measured side by side are in BENCHMARKS.md.", ""]
     for corpus, comp in comparisons.items():

@@ -100,6 +100,7 @@ def table(groups: dict[str, list[Run]], baseline: str, beta: float) -> list[dict
             "seeds": len(runs),
             "final_val_loss": float(finals.mean()),
             "final_val_loss_std": float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
+            "final_val_losses": finals.tolist(),  # one per seed: what an interval is computed from
             "final_train_loss": float(np.mean([train_curve(r, beta)[1][-1] for r in runs])),
             "tokens_to_baseline_ratio": float(np.mean(reach)) / base_tokens if all(math.isfinite(x) for x in reach) else math.nan,
             "tokens_per_s": float(np.median([r.summary["tokens_per_s"] for r in runs])),  # robust to one run slowed by a shared machine
