@@ -17,10 +17,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 demo: $(BIN)/.installed
 	$(BIN)/python train.py hydra.run.dir=runs/demo
 
-# A test process per core, each test file kept in one (its module fixtures are built once): the suite is mostly
-# short training subprocesses, one thread each (tests/conftest.py).
+# A test process per core and one more, each test file kept in one (its module fixtures are built once): the suite
+# is mostly short training subprocesses, one thread each (tests/conftest.py), and a share of it waits (on process
+# start-up, on the SLURM scheduler), which the extra process fills.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadfile
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/train_step.py

@@ -25,8 +25,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
-    """One prepared-data cache for the whole session (subprocesses inherit it through MEA_CACHE)."""
-    path = tmp_path_factory.mktemp("mea-cache")
+    """One prepared-data cache for the whole run, shared by its test processes (two preparing one corpus at once is
+    safe: the first to finish publishes it), inherited by subprocesses through MEA_CACHE."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "mea-cache"
+    path.mkdir(exist_ok=True)
     os.environ["MEA_CACHE"] = str(path)
     os.environ["WANDB_SILENT"] = "true"
     return path
@@ -72,3 +75,13 @@ def started(args: list[str], **popen):
         yield proc
     finally:
         kill_tree(proc)
+
+
+# The files that take longest, longest first: the suite runs a file per test process (--dist loadfile), and a long
+# file started last would be left running alone at the end while the other processes idle.
+LONGEST_FIRST = ("test_slurm.py", "test_experiment.py", "test_faults.py", "test_trainer.py", "test_scaling.py", "test_launch.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -3,10 +3,13 @@ import csv
 import json
 import re
 
+import pytest
+
 from mea.scaling.effects import Bracket, difference
 from mea.studies.init_audit import finding
 from mea.runs import code_version
-from mea.scaling.sweep import load_spec
+from mea.scaling.sweep import SweepError, load_spec
+from mea.studies.experiment import check, load_protocol
 
 from .conftest import run_cli
 
@@ -42,14 +45,17 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     spec = tmp_path / "bad.yaml"
     for good, bad, error in [("tokens: 2048}", "tokens: -1}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
                              ("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
-                             ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)"),
-                             ("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
-                             ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)"),
-                             ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)")]:
+                             ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)")]:
         spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
         proc = run_cli("-m", "mea.studies.experiment", str(spec))
         assert proc.returncode == 2 and error in proc.stderr, proc.stderr
         assert not (tmp_path / "runs").exists()
+    for good, bad, error in [("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
+                             ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)"),
+                             ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)")]:
+        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))  # the same check as above, called directly
+        with pytest.raises(SweepError, match=re.escape(error)):
+            check(load_protocol(spec))
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("kv_heads: [2]", "kv_heads: [2, 4]"))
     proc = run_cli("-m", "mea.studies.experiment", str(spec))
     assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr

@@ -18,13 +18,14 @@ from mea.train import checkpoint
 from mea.train.engine import free_port
 
 from .conftest import QUICK, ROOT, run_cli, started
+from .test_scaling import MINI
 from .test_trainer import RUN, assert_curves_close, curve, rows
 
 TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 BIN = Path(sys.executable).parent  # the environment's tools, called by their paths: nothing is activated
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
 CPU_JOB = ("--gpus-per-node", "1", "--env", "DS_ACCELERATOR=cpu", "--cpus-per-task", "1", "--time", "10:00", "--signal-seconds", "60")
-LONG = (*QUICK, "trainer.max_steps=150", "trainer.checkpoint_every=1000", "deepspeed=zero1")  # saves only when stopped, and at the end
+LONG = (*QUICK, "trainer.max_steps=100", "trainer.checkpoint_every=1000", "deepspeed=zero1")  # saves only when stopped, and at the end
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
 
 
@@ -76,7 +77,7 @@ def wait_for(ready, what: str, env: dict, jobs: list[str], timeout: float = 300)
         for j in jobs:
             state = job(env, j)
             if state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime" and (j, state["Restarts"]) not in hurried:
-                subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now+5"], env=env, capture_output=True)
+                subprocess.run(["scontrol", "update", f"JobId={j}", "StartTime=now+2"], env=env, capture_output=True)
                 hurried.add((j, state["Restarts"]))
         assert time.time() < deadline, f"timed out waiting for {what}: {[job(env, j) for j in jobs]}"
         time.sleep(0.2)
@@ -142,7 +143,7 @@ def test_time_limit_preemption_and_scancel_each_checkpoint_and_the_run_goes_on_a
     again = job_id(launch(cluster, run))
     assert ended(cluster, again)["JobState"] == "COMPLETED" and "resuming from" in log(run, again)
     steps = [r["step"] for r in rows(run)]
-    assert steps == list(range(5, 151, 5))  # no gap, no repeated step
+    assert steps == list(range(5, 101, 5))  # no gap, no repeated step
     assert curve(run) == curve(uninterrupted)
 
 
@@ -162,19 +163,9 @@ def test_smoke_check_reports_each_check_on_the_cluster(cluster, tmp_path):
     assert "2 of 2 ranks on 2 node(s) (n1, n2)" in lines[0] and "GB/s" in lines[2] and "spread across ranks 0.00e+00" in lines[3]
 
 
-SWEEP = """
-name: arrays
-variants: [mea]
-sizes:
-  - {model: tiny, name: w32, tokens: 76800, overrides: [model.dim=32, model.n_heads=2]}
-  - {model: tiny, name: w64, tokens: 6144, overrides: [model.dim=64, model.n_heads=4]}
-lr_min: 1.0e-3
-lr_max: 1.0e-1
-lr_points: 3
-overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=10, trainer.eval_batches=1, trainer.sample_tokens=4,
-            scheduler.warmup_steps=2, trainer.checkpoint_every=1000]
-out: OUT
-"""
+# test_scaling's two-size sweep, its first size trained long enough (300 steps) to be signalled mid-run, saving only when stopped
+SWEEP = (MINI.replace("name: mini", "name: arrays").replace("name: w32, tokens: 6144", "name: w32, tokens: 76800")
+         .replace("trainer.log_every=4", "trainer.log_every=10").replace("scheduler.warmup_steps=2]", "scheduler.warmup_steps=2, trainer.checkpoint_every=1000]"))
 ARRAY = ("hydra.launcher.partition=cpu", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
          "hydra.launcher.timeout_min=10")
 
