@@ -75,13 +75,3 @@ def started(args: list[str], **popen):
         yield proc
     finally:
         kill_tree(proc)
-
-
-# The files that take longest, longest first: the suite runs a file per test process (--dist loadfile), and a long
-# file started last would be left running alone at the end while the other processes idle.
-LONGEST_FIRST = ("test_slurm.py", "test_experiment.py", "test_faults.py", "test_trainer.py", "test_scaling.py", "test_launch.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
