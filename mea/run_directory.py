@@ -251,13 +251,13 @@ class Lease:
 
     def __enter__(self) -> Lease:
         self.folder.mkdir(parents=True, exist_ok=True)
-        host, waited_for = socket.gethostname(), None
+        host, waiting = socket.gethostname(), False
         while (holder := self.try_acquire(host)) is not None:
             if not self.earlier_allocation(holder) or time.time() - holder["heartbeat"] > STALE_AFTER_S:
                 raise self.refuse(holder)
-            if waited_for is None:  # SLURM keeps the job id across a requeue; its earlier allocation may still be saving
+            if not waiting:  # SLURM keeps the job id across a requeue; its earlier allocation may still be saving
                 self.log(f"waiting for the earlier allocation of SLURM job {holder['slurm_job']} (pid {holder['pid']} on {holder['host']}) to release {self.folder}")
-            waited_for = holder
+                waiting = True
             time.sleep(1)
         self.me = {"host": host, "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
         self.beat()
