@@ -81,6 +81,21 @@ def test_a_multiplier_says_plainly_when_three_sizes_of_one_seed_cannot_tell_nois
         multipliers({1e5: [3.0], 4e5: [2.9]}, {1e5: [3.0], 4e5: [2.9]})
 
 
+def test_a_multiplier_at_another_token_budget_moves_only_the_floor():
+    """Losses from L = E + A·N^(−α) + B·D^(−β), the arm being the baseline at 1.5× its parameters: the baseline's
+    law is fitted at one budget (three sizes, one run each) and the target, trained on 4× the tokens, still reads
+    M = 1.5; with the seed noise given, every size gets an interval that holds 1.5."""
+    chinchilla = lambda n, d: 2.0 + 40.0 * n**-0.3 + 300.0 * d**-0.3  # noqa: E731
+    sweep, target, d = [1e5, 4e5, 1.6e6], 6.4e6, 2e6
+    base = {n: [chinchilla(n, d)] for n in sweep} | {target: [chinchilla(target, 4 * d)] * 3}
+    arm = {n: [chinchilla(1.5 * n, d)] for n in sweep} | {target: [chinchilla(1.5 * target, 4 * d)] * 3}
+    exact = multipliers(base, arm, fitted=sweep, noise=0.002, n_boot=300)
+    assert exact.values == pytest.approx([1.5] * 4, rel=1e-3)
+    assert all(lo < 1.5 < hi for lo, hi in exact.intervals)
+    pooled = multipliers(base, arm, noise=0.002, n_boot=50).values[-1]  # the target's budget read as if it were the sweep's
+    assert not pooled == pytest.approx(1.5, rel=0.05)
+
+
 def test_the_welch_interval_covers_the_true_difference_at_its_stated_rate():
     """Over 1000 draws of three seeds an arm (σ = 0.01, true Δ = 0.01), the 95% interval covers Δ at least 95%
     of the time (Welch's interval is a little conservative at three seeds: 97.7% here); the power line's seed

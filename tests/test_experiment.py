@@ -1,7 +1,9 @@
 """The paper's protocol end to end at a micro scale: every artefact of the report is produced and consistent with the runs."""
 import csv
 import json
+import math
 import re
+import shutil
 
 import pytest
 
@@ -10,6 +12,7 @@ from mea.studies.init_audit import finding
 from mea.runs import code_version
 from mea.scaling.sweep import SweepError, load_spec
 from mea.studies.experiment import check, load_protocol
+from mea.studies.trust import bracket_claim, held_out_table, init_table, own_bests, two_readings, verified_lrs
 
 from .conftest import run_cli
 
@@ -25,7 +28,6 @@ sweep:
     mha: [attention=mha]
     mea: [attention=mea]
     mha_gqa: [attention=mha, model.n_kv_heads=2]
-    mea_virtual: [attention=mea, model.n_kv_heads=2]
   sizes:
     - {{model: tiny, name: w32, tokens: 4096, overrides: [model.dim=32, model.n_heads=4]}}
     - {{model: tiny, name: w64, tokens: 4096, overrides: [model.dim=64, model.n_heads=4]}}
@@ -34,8 +36,8 @@ sweep:
   lr_points: 3
   overrides: [data.seq_len=32, trainer.global_batch=8, logger.mode=disabled, trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
 target: {{model: tiny, name: w96, tokens: 4096, overrides: [model.dim=96, model.n_heads=4], seeds: [0, 1]}}
-lr_checks: {{mha_gqa: mha}}
 lr_bracket: {{factors: [0.5, 1, 2], arms: [mha, mea]}}
+init_checks: {{settings: {{llama: [model.init.scheme=llama, model.init.head_norm_scale=1.0]}}, arms: [mha, mea]}}
 compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
 second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512], seeds: [0], tokens: 2048}}
 """
@@ -45,14 +47,16 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     spec = tmp_path / "bad.yaml"
     for good, bad, error in [("tokens: 2048}", "tokens: -1}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
                              ("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
-                             ("{mha_gqa: mha}", "{mha_gqa: mha_gn}", "lr_checks: {mha_gqa: mha_gn} must name two different arms (mha, mea, mha_gqa, mea_virtual)")]:
+                             ("arms: [mha, mea]}\ninit", "arms: [mha, mea], train_at: best}\ninit", "lr_bracket.train_at=best; choose law (each arm's law's LR) or verified")]:
         spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
         proc = run_cli("-m", "mea.studies.experiment", str(spec))
         assert proc.returncode == 2 and error in proc.stderr, proc.stderr
         assert not (tmp_path / "runs").exists()
     for good, bad, error in [("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
-                             ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)"),
-                             ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa, mea_virtual)")]:
+                             ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa)"),
+                             ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa)"),
+                             ("init_checks: {settings: {llama: [model.init.scheme=llama", "init_checks: {settings: {llama: [model.init.scheme=xavier", "init_checks.settings.llama: "),
+                             ("head_norm_scale=1.0]}, arms: [mha, mea]", "head_norm_scale=1.0]}, arms: [gpt]", "init_checks.arms: gpt is not one of the arms")]:
         spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))  # the same check as above, called directly
         with pytest.raises(SweepError, match=re.escape(error)):
             check(load_protocol(spec))
@@ -84,9 +88,9 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     for image in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (tmp_path / "results" / image).is_file(), image
     with open(tmp_path / "runs" / "sweep" / "results.csv") as f:
-        assert {r["variant"] for r in csv.DictReader(f)} == {"mha", "mea", "mha_gqa", "mea_virtual"}
+        assert {r["variant"] for r in csv.DictReader(f)} == {"mha", "mea", "mha_gqa"}
     finals = {arm: [json.loads((tmp_path / "runs" / "compare-main" / arm / f"s{s}" / "summary.json").read_text())["final_val_loss"] for s in (0, 1)]
-              for arm in ("mha", "mea", "mha_gqa", "mea_virtual")}
+              for arm in ("mha", "mea", "mha_gqa")}
     for arm, losses in finals.items():  # the table's numbers are the runs' own
         row = re.search(rf"\| {arm} \| 2 \| ([\d.]+) ± ", report)
         assert row and abs(float(row.group(1)) - sum(losses) / 2) < 1e-4
@@ -97,31 +101,39 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     second = json.loads((tmp_path / "runs" / "compare-second" / "mha" / "s0" / "summary.json").read_text())  # its own, shorter budget
     assert "Each run: 16 steps, 4,096 tokens: " in report and f"Each run: 8 steps, 2,048 tokens: {second['passes']:.1f} passes over" in report
     assert "**MEA reaches a lower validation loss than the Transformer.**" in report and "**MEA tolerates larger learning rates.**" in report
-    def lr_of(run):
-        return next(o for o in (run / ".hydra" / "overrides.yaml").read_text().splitlines() if "optim.lr=" in o)
-
-    at_mha_lr = [tmp_path / "runs" / "lr-check" / "mha_gqa-at-mha-lr" / f"s{s}" for s in (0, 1)]  # mha_gqa trained at mha's LR
-    assert {lr_of(run) for run in at_mha_lr} == {lr_of(tmp_path / "runs" / "compare-main" / "mha" / "s0")}
-    check = re.search(r"\*\*Checked: did its law's LR handicap mha_gqa\?\*\* Trained at mha's LR \([\d.e-]+\) instead of its own \([\d.e-]+\): ([\d.]+) ± ", report)
-    assert check and abs(float(check.group(1)) - sum(json.loads((run / "summary.json").read_text())["final_val_loss"] for run in at_mha_lr) / 2) < 1e-4
-    virtual = re.search(r"\*\*At half the KV cache, MEA's virtual heads beat grouped-query attention \(both trained from scratch\)\.\*\* Δ\(mea_virtual − mha_gqa\) = ([+-][\d.]+)", report)
-    assert virtual and abs(float(virtual.group(1)) - (sum(finals["mea_virtual"]) - sum(finals["mha_gqa"])) / 2) < 2e-4
-    for arm in ("mha_gqa", "mea_virtual"):  # trained with half the heads stored
-        assert "model.n_kv_heads=2" in (tmp_path / "runs" / "compare-main" / arm / "s0" / ".hydra" / "overrides.yaml").read_text()
+    init = report.split("## The init, checked at the target")[1].split("## ")[0]
+    for arm in ("mha", "mea"):  # each checked arm under llama at its comparison LR: the run's own loss, and its config's
+        run = tmp_path / "runs" / "init-check" / "llama" / arm
+        assert "model.init.scheme=llama" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert re.search(rf"^\| {arm} \| [\d.]+ ± [\d.]+ \| {json.loads((run / 'summary.json').read_text())['final_val_loss']:.4f} \| [+-][\d.]+ against ", init, re.M), arm
+    assert "**Do the claims hold with every arm at its own best (init, LR)?**" in report and "## Two readings: one default, and every arm at its own best" in report
+    assert "| mha | – | – | – | not tested: a held-out test needs 3 swept sizes or more (2 to fit, 1 to test); this sweep has 2 |" in report
+    assert "| mea | not read: a multiplier needs the baseline and the arm at 3 sizes or more of one token budget; they share 2 |" in report
+    assert "### Which loss picks the LR" in report and ("The largest ratio between the two optima is" in report or "No law by validation loss" in report)
+    archived = tmp_path / "results" / "micro" / "runs.tar.xz"  # the report made again from its archive alone, the runs moved away
+    (tmp_path / "runs").rename(tmp_path / "trained")
+    remade = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(archived), timeout=600)
+    assert remade.returncode == 0 and "it/s" not in remade.stderr, remade.stderr[-3000:]
+    assert (tmp_path / "results" / "micro.md").read_text() == report
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))  # no checkpoint travels in the archive
+    refused = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(archived))
+    assert refused.returncode == 2 and f"{tmp_path / 'runs'} already holds runs; make the report from them with `mea-experiment <spec>`" in refused.stderr
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "trained").rename(tmp_path / "runs")
+    assert "model.n_kv_heads=2" in (tmp_path / "runs" / "compare-main" / "mha_gqa" / "s0" / ".hydra" / "overrides.yaml").read_text()  # half the heads stored
     changed = re.search(r"^\| mea \| \+0\.5826 \| ([+-][\d.]+) \|$", report, re.M)  # the first report's delta beside this one's
     assert "## What changed since the first report" in report and "LR-sweep runs: 147 steps then, 16 now; from-scratch runs: 489 steps then, 16 now" in report and "| fall over the last fifth |" in report
     assert changed and abs(float(changed.group(1)) - (sum(finals["mea"]) - sum(finals["mha"])) / 2) < 2e-4
     row = re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| ([\d.]+) \| ", report)
     recovery_curve = [json.loads(line) for line in (tmp_path / "runs" / "compression" / "kv2-all-recover" / "metrics.jsonl").read_text().splitlines()]
     assert abs(float(row.group(1)) - recovery_curve[-1]["val_loss"]) < 1e-3  # the recovery curve is read on mea-eval's windows
-    again = run_cli("-m", "mea.studies.experiment", str(spec), timeout=600)  # resumable: a second sitting trains nothing
-    assert again.returncode == 0 and "is already done" in again.stdout and "it/s" not in again.stderr
     spec.write_text(spec.read_text().replace("tokens: 4096, overrides: [model.dim=96", "tokens: 8192, overrides: [model.dim=96"))
     changed = run_cli("-m", "mea.studies.experiment", str(spec), timeout=600)  # a changed spec never reuses runs made under the old one
     assert changed.returncode == 2 and "holds another run than the spec now asks (trainer.max_steps: 16 recorded, 32 now)" in changed.stderr
+    assert "is already done" in changed.stdout and "it/s" not in changed.stderr  # resumable: the sweep, unchanged, trains nothing
     with open(tmp_path / "runs" / "stability" / "results.csv") as f:  # the grid continued at the largest size: lr 1.0
         probe = {r["variant"]: r for r in csv.DictReader(f)}
-    assert set(probe) == {"mha", "mea", "mha_gqa", "mea_virtual"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}
+    assert set(probe) == {"mha", "mea", "mha_gqa"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}
     cell = "diverged" if probe["mea"]["diverged"] == "True" else f"{float(probe['mea']['final_val_loss']):.3f}"
     assert re.search(rf"\| mea \| [^\n]* \| {cell}( ✗)? \|\n", report)
     assert re.search(r"\| uncompressed \(control: the same continued pretraining\) \| [\d.]+ \| [\d.]+ \| ", report)
@@ -202,7 +214,7 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     rows = [arm("mha", 3.70), arm("mha_gn", 3.68), arm("mea", 3.60), arm("diff", 3.75), arm("diff_nonorm", 3.72),
             arm("mha_gqa", 3.80), arm("mea_virtual", 3.62, std=0.2)]
     lrs = {"mha": {"lr": 2e-3}, "mha_gqa": {"lr": 1e-3}}
-    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {}, {"mha_gqa": {"other": "mha", "row": arm("mha_gqa", 3.64)}}, {})
+    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {})
     welch = difference(rows[2]["final_val_losses"], rows[0]["final_val_losses"])
     assert (f"**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees, 95% interval {welch.interval[0]:+.4f} to "
             f"{welch.interval[1]:+.4f} (Welch); {welch.seeds_to_resolve} seeds an arm resolve it.") in said
@@ -210,28 +222,67 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
     rows[4] = arm("diff_nonorm", 3.72, std=0.05)  # seeds 0.05 apart: 0.03 closer is within noise
     assert "diff without norm +0.0200: within noise (|Δ| ≤ 2 standard errors) (the loss of diff without norm is closer to" in claims(
-        SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {}, {})[2]
+        SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {})[2]
     # 0.18 apart, but mea_virtual's seeds spread 0.2: the standard error is 0.116, so the claim is within noise
     assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors), 95% interval" in said[3] and "these seeds could see a Δ of" in said[3]
             and "What halving the cache costs each against its full-cache arm: "
-            "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors). "
-            "Against mha_gqa trained at mha's LR (0.002): Δ = -0.0200, within noise (|Δ| ≤ 2 standard errors), 95% interval") in said[3]
-    # trained at mha's LR, mha_gqa is 0.16 lower, 8 standard errors apart: its own law's LR handicapped it
-    assert said[4] == ("**Checked: did its law's LR handicap mha_gqa?** Trained at mha's LR (0.002) instead of its own (0.001): 3.6400 ± 0.0100 against "
-                       "3.8000 ± 0.0100 (3 vs 3 seeds): Δ = -0.1600, its own law's LR handicapped it: read the claims on mha_gqa with this.")
+            "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors).") in said[3]
+
+
+def row(variant, loss, std=0.01, seeds=3, base=3.70):
+    return {"variant": variant, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds, "final_val_losses": [loss - std, loss, loss + std][:seeds],
+            "delta_vs_baseline": loss - base}
 
 
 def test_the_bracket_claim_says_whether_a_missed_lr_could_move_a_reading():
-    from types import SimpleNamespace
+    rows = [row("mha", 3.70), row("mea", 3.68)]
 
-    from mea.studies.report import claims
-
-    rows = [{"variant": v, "final_val_loss": loss, "final_val_loss_std": 0.01, "seeds": 3, "final_val_losses": [loss - 0.01, loss, loss + 0.01],
-             "delta_vs_baseline": loss - 3.70} for v, loss in (("mha", 3.70), ("mea", 3.68))]
     def brackets(regret, extend=None):
         return {"mea": {"bracket": Bracket(2e-3, 3e-3, 3.66, regret, False, extend, 4 if extend else None), "factors": [0.5, 1, 2], "losses": [3.7, 3.68, 3.66]}}
-    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {}, brackets(0.03))[0]
+    said = bracket_claim(brackets(0.03), rows, "mha")
     assert said.startswith("**Were the laws' LRs near each arm's optimum at the target?** Bracketed (mea): the largest regret of a law's LR is mea's, +0.0300")
     assert "The smallest gap to mha read here is mea's, 0.0200: the regret of mea is as large, so a verified LR could change that reading." in said
-    small = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}, {}, brackets(0.005, extend="higher"))[0]
+    small = bracket_claim(brackets(0.005, extend="higher"), rows, "mha")
     assert "every regret is smaller, so no reading rests on a missed LR." in small and "Still at the bracket's edge after one extension: mea" in small
+
+
+def test_a_verified_lr_moves_only_where_the_bracket_says_so():
+    lrs = {"mha": {"lr": 2e-3, "ci": None, "source": "law"}, "mea": {"lr": 4e-3, "ci": None, "source": "law"}, "tha": {"lr": 1e-3, "ci": None, "source": "law"}}
+    brackets = {"mha": {"bracket": Bracket(2e-3, 3e-3, 3.66, 0.02, False, None, None)}, "mea": {"bracket": Bracket(4e-3, 5e-3, 3.60, 0.001, True, None, None)}}
+    moved = verified_lrs(lrs, brackets)
+    assert moved["mha"]["lr"] == 3e-3 and moved["mha"]["source"] == "verified: the LR bracket's best (1.50× the law's 0.002)"
+    assert moved["mea"] == lrs["mea"] and moved["tha"] == lrs["tha"]  # flat: nothing says to move; not bracketed: the law's
+
+
+def test_the_two_readings_disagree_where_an_arms_own_best_init_turns_its_gap_around():
+    """Under the default mea is 0.03 behind mha (beyond noise); under llama, one run, it is 0.02 ahead of mha's own
+    best: the readings disagree, and the init table names llama as the default's handicap for mea."""
+    rows = [row("mha", 3.70), row("mea", 3.73)]
+    checks = {"mha": {"llama": 3.72}, "mea": {"llama": 3.68}}
+    lrs = {"mha": {"lr": 2e-3}, "mea": {"lr": 4e-3}}
+    bests = own_bests(rows, {}, checks, lrs)
+    assert bests["mea"] == (3.68, "llama, LR 0.004 (1 run)") and bests["mha"] == (3.70, "default init, LR 0.002 (3 seeds)")
+    lines, said = two_readings(rows, bests, "mha")
+    assert "| mea | +0.0300 | llama, LR 0.004 (1 run): 3.6800 | -0.0200 | **disagree** |" in lines
+    assert said.startswith("**Do the claims hold with every arm at its own best (init, LR)?** Not everywhere: the readings disagree for mea (+0.0300 under the default, -0.0200")
+    table = init_table(checks, rows)
+    assert "| mea | 3.7300 ± 0.0100 | 3.6800 | +0.0500 against llama: beyond noise |" in table
+    assert "| mha | 3.7000 ± 0.0100 | 3.7200 | -0.0200 against llama: within noise |" in table
+    ahead = [row("mha", 3.70), row("mea", 3.60)]
+    assert "The two readings agree for every arm" in two_readings(ahead, own_bests(ahead, {}, checks, lrs), "mha")[1]
+
+
+def test_the_held_out_law_reads_a_fit_without_its_largest_size():
+    """A law exact on the first two sizes whose largest size's optimum sits ×2 above it: 0.50× and the curve's
+    regret; an arm with a size left unfitted is not tested, and says why."""
+    def cell(n, lr_star, fitted=True):
+        points = [[lr_star * f, 3.0 + 0.05 * math.log(f) ** 2] for f in (0.25, 0.5, 1, 2, 4)]
+        return {"n": n, "points": points, **({"lr": lr_star, "fitted_lrs": [lr_star * 0.25, lr_star * 4]} if fitted else {})}
+
+    def law(n):
+        return 0.02 * n**-0.25
+    fit = {"groups": {"mha": {"cells": [cell(1e6, law(1e6)), cell(4e6, law(4e6)), cell(1.6e7, 2 * law(1.6e7))]},
+                      "mea": {"cells": [cell(1e6, 1e-3), cell(4e6, 1e-3, False), cell(1.6e7, 1e-3)]}}}
+    table = held_out_table(fit)
+    assert f"| mha | {law(1.6e7):.3g} | {2 * law(1.6e7):.3g} | 0.50× | {0.05 * math.log(2) ** 2:+.4f} |" in table
+    assert "| mea | – | – | – | not tested: a smaller size or the largest has no fitted optimum |" in table

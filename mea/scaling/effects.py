@@ -42,6 +42,8 @@ class Bracket:
     flat: bool  # the losses differ by no more than twice the noise: every LR of the bracket is as good
     extend: str | None  # "lower" / "higher": the lowest loss sits at that edge, so the best is not known yet
     next_factor: float | None  # the factor of the law's LR to run next, one bracket step beyond that edge
+    coeffs: tuple[float, float, float] | None = None  # loss = c0 + c1·x + c2·x², x = ln(lr), where the vertex was read
+    fitted_lrs: tuple[float, float] | None = None  # the LRs that quadratic was fitted across
 
 
 def lr_bracket(law_lr: float, factors: list[float], losses: list[float], noise: float = 0.0) -> Bracket:
@@ -61,14 +63,15 @@ def lr_bracket(law_lr: float, factors: list[float], losses: list[float], noise: 
         extend = "lower" if best == 0 else "higher"
         ratio = f[1] / f[0] if best == 0 else f[-1] / f[-2]
         step = float(f[0] / ratio if best == 0 else f[-1] * ratio)
-    best_lr, best_loss = law_lr * f[best], float(y[best])
+    best_lr, best_loss, curve = law_lr * f[best], float(y[best]), {}
     if extend is None and not flat and len(y) >= 3:
         window = slice(max(0, best - 1), best + 2)
         c0, c1, c2 = fit_quadratic(np.log(law_lr * f[window]), y[window])
         if c2 > 0:
             x = -c1 / (2 * c2)
             best_lr, best_loss = math.exp(x), min(best_loss, c0 + c1 * x + c2 * x * x)
-    return Bracket(law_lr, float(best_lr), float(best_loss), max(0.0, at_law - best_loss), flat, extend, step)
+            curve = {"coeffs": (float(c0), float(c1), float(c2)), "fitted_lrs": (float(law_lr * f[window][0]), float(law_lr * f[window][-1]))}
+    return Bracket(law_lr, float(best_lr), float(best_loss), max(0.0, at_law - best_loss), flat, extend, step, **curve)
 
 
 @dataclass
@@ -128,9 +131,12 @@ def fit_size_law(n: list[float], loss: list[float]) -> SizeLaw:
     return SizeLaw(float(E), float(A * scale**alpha), float(alpha))
 
 
-def multiplier(law: SizeLaw, n: float, loss: float) -> float:
-    """The factor of baseline parameters that reaches `loss` from size n (inf at or below the law's floor E)."""
-    return math.inf if loss <= law.E else float(((law(n) - law.E) / (loss - law.E)) ** (1 / law.alpha))
+def multiplier(law: SizeLaw, n: float, loss: float, base_loss: float | None = None) -> float:
+    """The factor of baseline parameters that reaches `loss` from size n (inf at or below the floor). At a token
+    budget the law was not fitted at, give the baseline's own loss there: under L = E + A·N^(−α) + B·D^(−β) another
+    budget moves only the floor, to base_loss − A·n^(−α)."""
+    floor = law.E if base_loss is None else base_loss - (law(n) - law.E)
+    return math.inf if loss <= floor else float(((law(n) - law.E) / (loss - floor)) ** (1 / law.alpha))
 
 
 @dataclass
@@ -141,35 +147,40 @@ class Multipliers:
     trend: str  # one line: grows / shrinks with size, or cannot tell from noise
 
 
-def multipliers(base: dict[float, list[float]], arm: dict[float, list[float]], n_boot: int = 1000, seed: int = 0) -> Multipliers:
-    """Each size's multiplier of an arm over the baseline (losses per size, one per seed), with bootstrap
-    intervals: over seeds where any size has several, else over the baseline fit's residuals (which needs a
-    fourth size: three sizes fix the three parameters exactly, leaving nothing to resample)."""
+def multipliers(base: dict[float, list[float]], arm: dict[float, list[float]], fitted: list[float] | None = None, noise: float = 0.0,
+                n_boot: int = 1000, seed: int = 0) -> Multipliers:
+    """Each size's multiplier of an arm over the baseline (losses per size, one per seed). The baseline's L(N) is
+    fitted on the sizes `fitted` (one token budget; default: every size); any other size is read at its own
+    budget, its floor moved by the baseline's loss there. Bootstrap intervals: a size's seeds are resampled where
+    it has several; a single run is redrawn with the seed noise σ = `noise` measured elsewhere, else with the
+    fit's residuals (which needs a fourth fitted size: three fix the three parameters exactly)."""
     sizes = sorted(set(base) & set(arm))
-    if len(sizes) < 3:
-        raise FitError(f"a multiplier needs the baseline and the arm at 3 sizes or more; they share {len(sizes)}")
-    mean = lambda d: [float(np.mean(d[s])) for s in sizes]  # noqa: E731
-    law = fit_size_law(sizes, mean(base))
-    values = [multiplier(law, s, loss) for s, loss in zip(sizes, mean(arm))]
+    fitted = sorted(set(fitted or sizes) & set(sizes))
+    if len(fitted) < 3:
+        raise FitError(f"a multiplier needs the baseline and the arm at 3 sizes or more of one token budget; they share {len(fitted)}")
+    mean = {s: (float(np.mean(base[s])), float(np.mean(arm[s]))) for s in sizes}
+
+    def reading(means: dict[float, tuple[float, float]]) -> list[float]:
+        law = fit_size_law(fitted, [means[s][0] for s in fitted])
+        return [multiplier(law, s, means[s][1], None if s in fitted else means[s][0]) for s in sizes]
+
+    values = reading(mean)
+    residuals = np.asarray([mean[s][0] for s in fitted]) - fit_size_law(fitted, [mean[s][0] for s in fitted])(fitted)
+    if noise <= 0 and len(fitted) < 4 and all(len(base[s]) == 1 and len(arm[s]) == 1 for s in sizes):
+        return Multipliers(sizes, values, [None] * len(sizes), f"cannot tell: {len(fitted)} sizes of one seed fix the baseline's law exactly, so nothing measures the noise; add seeds or sizes")
     rng = np.random.default_rng(seed)
-    seeded = any(len(base[s]) > 1 or len(arm[s]) > 1 for s in sizes)
-    residuals = np.asarray(mean(base)) - law(sizes)
-    if not seeded and len(sizes) < 4:
-        return Multipliers(sizes, values, [None] * len(sizes), f"cannot tell: {len(sizes)} sizes of one seed fix the baseline's law exactly, so nothing measures the noise; add seeds or sizes")
+
+    def redraw(losses: list[float]) -> float:
+        if len(losses) > 1:
+            return float(np.mean(rng.choice(losses, len(losses))))
+        return losses[0] + float(rng.normal(0, noise) if noise > 0 else rng.choice(residuals))
+
     draws = []
     for _ in range(n_boot):
-        if seeded:
-            b = {s: rng.choice(base[s], len(base[s])) for s in sizes}
-            a = [float(np.mean(rng.choice(arm[s], len(arm[s])))) for s in sizes]
-            base_means = [float(np.mean(b[s])) for s in sizes]
-        else:
-            base_means = list(law(sizes) + rng.choice(residuals, len(sizes)))
-            a = [loss + float(rng.choice(residuals)) for loss in mean(arm)]
         try:
-            refit = fit_size_law(sizes, base_means)
+            draws.append(reading({s: (redraw(base[s]), redraw(arm[s])) for s in sizes}))
         except FitError:
             continue
-        draws.append([multiplier(refit, s, loss) for s, loss in zip(sizes, a)])
     draws = np.asarray(draws)
     intervals = [tuple(float(v) for v in np.percentile(draws[:, i], [2.5, 97.5])) for i in range(len(sizes))]
     finite = np.all(np.isfinite(draws), axis=1)

@@ -82,10 +82,11 @@ def fit_cells(cols: dict[str, np.ndarray], rows: np.ndarray, diverged: np.ndarra
     for n, d in keys:
         at = rows & (cols["n"] == n) & (budgets == d if d is not None else ~np.isfinite(budgets))
         ok = at & ~diverged
-        cell = {"n": n, **({"d": d} if d is not None else {}), "runs": int(at.sum()), "diverged_lrs": sorted({float(x) for x in cols["lr"][at & diverged]})}
+        points = sorted(zip(cols["lr"][ok].tolist(), cols["loss"][ok].tolist()))  # kept so that every plot of the fit shows what it was fitted to
+        cell = {"n": n, **({"d": d} if d is not None else {}), "runs": int(at.sum()), "points": points, "diverged_lrs": sorted({float(x) for x in cols["lr"][at & diverged]})}
         try:
             opt = lr_optimum(cols["lr"][ok], cols["loss"][ok], cell_label(group, n, d), n_boot=args.bootstrap, seed=args.seed)
-            cell |= {"lr": opt.lr, "lr_ci": opt.ci, "loss": opt.loss, "coeffs": list(map(float, opt.coeffs)), "sensitivity_decades": opt.sensitivity_width(args.margin), "_opt": opt}
+            cell |= {"lr": opt.lr, "lr_ci": opt.ci, "loss": opt.loss, "coeffs": list(map(float, opt.coeffs)), "fitted_lrs": list(opt.fitted), "sensitivity_decades": opt.sensitivity_width(args.margin), "_opt": opt}
         except FitError as e:
             cell["message"] = str(e)
             messages.append(str(e))
@@ -137,7 +138,7 @@ def lr_law(args: argparse.Namespace) -> dict:
     if targets and args.target_tokens is None and "d" in cols and len(set(zip(cols["n"], cols["d"]))) > len(set(cols["n"])):
         raise FitError(f"{args.csv}: some sizes were trained at several token budgets, so η* depends on D; give --target-tokens with --target")
     rng = np.random.default_rng(args.seed)
-    report: dict = {"kind": "lr-law", "margin": args.margin, "groups": {}, "messages": []}
+    report: dict = {"kind": "lr-law", "loss": args.loss_col, "margin": args.margin, "groups": {}, "messages": []}
     for group in sorted(set(groups)):
         cells = fit_cells(cols, groups == group, diverged, group, args, report["messages"])
         out = {"cells": cells}
@@ -209,7 +210,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mea-fit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("lr-law", "loss-law"):
@@ -227,7 +228,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--target", action="append", default=[], help="lr-law: a model preset or a parameter count to predict η* for")
         p.add_argument("--target-tokens", type=float, help="lr-law: the targets' token budget, where η* depends on D (several budgets per size)")
         p.add_argument("--lr-conf-dir", type=Path, default=Path("conf/lr"), help="lr-law: where the Hydra fragments go")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     try:
         report = lr_law(args) if args.command == "lr-law" else loss_law(args)
     except FitError as e:

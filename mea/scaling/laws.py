@@ -39,6 +39,7 @@ class Optimum:
     ci: tuple[float, float]
     curvature: float  # of loss against ln(lr)
     coeffs: tuple[float, float, float]  # loss = c0 + c1·x + c2·x², x = ln(lr)
+    fitted: tuple[float, float]  # the LRs the quadratic was fitted across (the runs near the best)
 
     def sensitivity_width(self, margin: float) -> float:
         """Decades of LR whose fitted loss lies within (1 + margin) × the optimum's."""
@@ -99,7 +100,7 @@ def lr_optimum(lrs: np.ndarray, losses: np.ndarray, label: str, window: int = 2,
         if b2 > 0:
             boots.append(np.clip(-b1 / (2 * b2), x.min(), x.max()))
     lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else bracket
-    return Optimum(float(math.exp(x_star)), float(loss_star), (float(math.exp(lo)), float(math.exp(hi))), float(c2), (c0, c1, c2))
+    return Optimum(float(math.exp(x_star)), float(loss_star), (float(math.exp(lo)), float(math.exp(hi))), float(c2), (c0, c1, c2), (float(np.exp(x.min())), float(np.exp(x.max()))))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mea.plotting import plt, save_figure
+from mea.plotting import mark_diverged, panels, plt, save_figure
 
 
 def plot_report(report: dict, out: Path) -> list[Path]:
@@ -16,31 +16,35 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 
 def plot_lr_law(report: dict, out: Path) -> list[Path]:
-    """lr_curves: each cell's fitted loss against LR, a colour per size and a line style per budget;
-    lr_law: η* against N for each group, coloured by the budget D, with the fitted law at each budget."""
+    """lr_curves: per group, each cell's measured losses against LR (dots; crosses on the top edge: diverged), the
+    quadratic fitted through the runs near its best (solid, across the LRs it was fitted to) and its vertex (star),
+    a colour per size and a line style per budget; lr_law: η* against N per group, with the fitted law."""
     groups = report["groups"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (group, g) in zip(axes[0], groups.items()):
+    fig, axes = panels(len(groups))
+    for ax, (group, g) in zip(axes, groups.items()):
         sizes = sorted({c["n"] for c in g["cells"]})
         budgets = sorted({c.get("d", 0.0) for c in g["cells"]})
-        colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))))
+        colors = dict(zip(sizes, plt.cm.viridis(np.linspace(0, 0.85, len(sizes)))))
         for c in g["cells"]:
             color, style = colors[c["n"]], LINESTYLES[budgets.index(c.get("d", 0.0)) % len(LINESTYLES)]
             budget = f", D={c['d']:.2g}" if "d" in c else ""
+            if c["points"]:
+                ax.plot(*zip(*c["points"]), "o", color=color, ms=3.5, alpha=0.8, label=None if "coeffs" in c else f"N={c['n']:.2g}{budget}: no fit")
             if "coeffs" in c:
                 c0, c1, c2 = c["coeffs"]
-                x = np.linspace(np.log(c["lr"]) - 1.5, np.log(c["lr"]) + 1.5, 50)
-                ax.plot(np.exp(x), c0 + c1 * x + c2 * x**2, color=color, ls=style, lw=1)
-                ax.plot([c["lr"]], [c["loss"]], "*", color=color, ms=10, label=f"N={c['n']:.2g}{budget}: η*={c['lr']:.2g}")
-            for lr in c["diverged_lrs"]:
-                ax.axvline(lr, color=color, lw=0.6, alpha=0.5)
+                x = np.linspace(*np.log(c["fitted_lrs"]), 50)
+                ax.plot(np.exp(x), c0 + c1 * x + c2 * x**2, color=color, ls=style, lw=1.2)
+                ax.plot([c["lr"]], [c["loss"]], "*", color=color, ms=9, label=f"N={c['n']:.2g}{budget}: η*={c['lr']:.2g}")
+            mark_diverged(ax, c["diverged_lrs"], color)
         ax.set_xscale("log")
-        ax.set(title=f"{group}: loss against LR per cell (thin vertical lines: diverged)", xlabel="learning rate", ylabel="loss")
+        ax.set(title=group, xlabel="learning rate", ylabel=f"{report.get('loss', 'loss')}")
         ax.legend(fontsize=6)
+    fig.suptitle("Loss against LR per size: runs (dots; × diverged), the fitted quadratic and its vertex (★)", fontsize=9)
     path1 = save_figure(fig, out / "lr_curves")
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.5), squeeze=False)
-    for ax, (group, g) in zip(axes[0], groups.items()):
+    fig, axes = panels(len(groups))
+    for ax, (group, g) in zip(axes, groups.items()):
+        ax.set(title=group, xlabel="non-embedding parameters N", ylabel="optimal LR η*")
         cells = [c for c in g["cells"] if "lr" in c]
         if not cells:
             continue
@@ -63,8 +67,9 @@ def plot_lr_law(report: dict, out: Path) -> list[Path]:
         for name, p in g.get("predictions", {}).items():
             ax.errorbar([p["n"]], [p["lr"]], yerr=[[p["lr"] - p["lr_ci"][0]], [p["lr_ci"][1] - p["lr"]]], fmt="s", mfc="none", color="k")
             ax.annotate(name, (p["n"], p["lr"]), fontsize=7)
-        ax.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="optimal LR η*", title=f"{group}: η* and its law")
+        ax.set(xscale="log", yscale="log")
         ax.legend(fontsize=6)
+    fig.suptitle("η* per size (the vertices, with bootstrap intervals) and the law fitted to them; squares: predictions", fontsize=9)
     return [path1, save_figure(fig, out / "lr_law")]
 
 

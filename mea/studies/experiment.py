@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,9 +26,14 @@ from mea.models import LM
 from mea.models.attention.mha import MHAConfig
 from mea.pretrained import load_pretrained
 from mea.scaling.effects import check_factors, lr_bracket
+from mea.scaling.fit import lr_law, parse, public
+from mea.scaling.fit import main as fit_main  # noqa: I001
 from mea.scaling.laws import FitError
-from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, read_results, run_sweep, trained
+from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, load_spec, read_results, run_sweep, trained
+from mea.studies import protocol
+from mea.studies.archive import made, pack, unpack
 from mea.studies.protocol import train
+from mea.studies.trust import verified_lrs
 from mea.tools.compare import compare
 from mea.tools.compress import CONVERTIBLE, compress, parse_layers, write_compressed
 from mea.tools.export import export
@@ -70,6 +76,18 @@ class LRBracket:
 
     factors: list[float] = field(default_factory=list)
     arms: list[str] = field(default_factory=list)  # which arms; none: every arm
+    # what the comparison's seeds train at: "law", each arm's law's LR; "verified", its bracket's best where the
+    # bracket is not flat within noise (the ×1 run is then a bracket run of its own)
+    train_at: str = "law"
+
+
+@dataclass
+class InitChecks:
+    """Each arm also trained at the target at the LR its seeds train at, under each of these inits (the first
+    seed, one run each): whether the default init handicapped it. No settings: no checks."""
+
+    settings: dict[str, list[str]] = field(default_factory=dict)  # name -> overrides, e.g. {llama: [model.init.scheme=llama]}
+    arms: list[str] = field(default_factory=list)  # which arms; none: every arm
 
 
 @dataclass
@@ -83,10 +101,8 @@ class Protocol:
     margin: float = 0.01
     stability_lr_max: float = 0.0  # the grid continued at the largest size up to here, to find where each arm fails to train
     previous_report: str = ""  # an earlier report of this protocol: its deltas are set beside the new ones
-    # arm -> another arm: the first is also trained from scratch at the second's LR (the target's seeds), to measure
-    # whether its own law's LR handicapped it (a law resting on fewer sizes, an exponent unlike the others')
-    lr_checks: dict[str, str] = field(default_factory=dict)
     lr_bracket: LRBracket = field(default_factory=LRBracket)
+    init_checks: InitChecks = field(default_factory=InitChecks)
     init_audit: str = ""  # the init audit's spec: its finding, read from its runs, opens "What changed"
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
@@ -128,6 +144,15 @@ def target_size(p: Protocol) -> float:
         return float(LM(cfg, MHAConfig()).parameter_counts()["non_embedding"])
 
 
+def laws_by_validation_loss(results: Path, n_target: float, margin: float) -> dict:
+    """The sweep's LR laws fitted to the final validation loss instead of the training loss (to check that the
+    loss picking the LR does not move the optimum); the reason where none fits."""
+    try:
+        return public(lr_law(parse(["lr-law", str(results), "--out", "-", "--loss-col", "final_val_loss", "--target", f"{n_target:g}", "--margin", str(margin)])))
+    except FitError as e:
+        return {"groups": {}, "messages": [str(e)]}
+
+
 def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
     """Each arm's LR for the target: its law's prediction, else its best swept LR at the largest size (said so)."""
     rows = trained(read_results(results))
@@ -146,27 +171,40 @@ def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
     return out
 
 
-def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
-    """Each bracketed arm's reading (a Bracket) with the factors run and their final validation losses."""
+def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict]:
+    """Each bracketed arm's runs at the target (the first seed): the law's LR, the factors run, their final
+    validation losses and their reading (extended once past an edge where the best lay there)."""
     seed, readings = p.target.seeds[0], {}
     for arm in (p.lr_bracket.arms or list(lrs)) if p.lr_bracket.factors else []:
-        law_lr, noise = lrs[arm]["lr"], next(r for r in rows if r["variant"] == arm)["final_val_loss_std"]
-        factors = sorted(p.lr_bracket.factors)
+        law_lr, factors = lrs[arm]["lr"], sorted(p.lr_bracket.factors)
         for extended in (False, True):
             losses = [bracket_loss(p, out, arm, law_lr, factor, seed) for factor in factors]
-            bracket = lr_bracket(law_lr, factors, losses, noise)
+            bracket = lr_bracket(law_lr, factors, losses)
             if bracket.extend is None or extended:
                 break
             factors = sorted([*factors, bracket.next_factor])
-        readings[arm] = {"bracket": bracket, "factors": factors, "losses": losses}
+        readings[arm] = {"law_lr": law_lr, "factors": factors, "losses": losses, "bracket": bracket}
     return readings
 
 
 def bracket_loss(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> float:
-    """The final validation loss at law_lr × factor (NaN if it diverged); ×1 is the comparison's own run."""
-    run_dir = out / "compare-main" / arm / f"s{seed}" if factor == 1 else out / "lr-bracket" / arm / f"x{factor:g}"
-    summary = train(run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=f"{p.name}-lr-bracket"))
+    """The final validation loss at law_lr × factor (NaN if it diverged); ×1 is the comparison's own run when the
+    comparison trains at the law's LR."""
+    at_law = factor == 1 and p.lr_bracket.train_at == "law"
+    run_dir = out / "compare-main" / arm / f"s{seed}" if at_law else out / "lr-bracket" / arm / f"x{factor:g}"
+    summary = train(run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=p.name if at_law else f"{p.name}-lr-bracket"))
     return math.nan if summary.get("diverged") else summary["final_val_loss"]
+
+
+def init_checks(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """arm -> init setting -> the final validation loss of one run at the target (NaN if it diverged)."""
+    seed, checks = p.target.seeds[0], {}
+    for arm in (p.init_checks.arms or list(lrs)) if p.init_checks.settings else []:
+        for name, overrides in p.init_checks.settings.items():
+            run_dir = out / "init-check" / name / arm
+            summary = train(run_dir, [*target_overrides(p, arm, lrs[arm]["lr"], seed, [], p.target.tokens, group=f"{p.name}-init-check"), *overrides])
+            checks.setdefault(arm, {})[name] = math.nan if summary.get("diverged") else summary["final_val_loss"]
+    return checks
 
 
 @torch.no_grad()
@@ -185,6 +223,10 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
     The uncompressed model gets the same continued pretraining as a control: rewarming the LR after the end of a
     schedule costs loss by itself, and further tokens gain some, so recovery is read against that control.
     """
+    readings = out / "rows.json"  # kept (and archived): they are read from checkpoints, which a report's archive does not hold
+    key = {"compression": asdict(p.compression), "lr": lr, "source": str(source_run)}
+    if readings.is_file() and (kept := json.loads(readings.read_text()))["key"] == key:
+        return kept["rows"]
     data = [o for o in common if o.startswith("data")]
     exported = out / "exported"
     if not (exported / "config.json").is_file():
@@ -216,10 +258,13 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
             rows.append({"setting": f"G = {G} of {full.cfg.n_heads}, {name} layers", "val_after_conversion": evaluate(folder, data)["val_loss"],
                          "val_after_recovery": recover(f"kv{G}-{name}", folder), "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
                          "decode_ms": decode_ms(compressed), "recover_steps": recover_steps, "run": f"kv{G}-{name}-recover"})
+    tmp = readings.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
+    tmp.replace(readings)
     return rows
 
 
-def stability_probe(p: Protocol, out: Path) -> Path | None:
+def stability_probe(p: Protocol, out: Path, collect_only: bool = False) -> Path | None:
     """The LR grid continued past lr_max, at the same spacing, at the largest size only: where each arm fails to train.
     Kept apart from the sweep so that the LR laws are fitted on the same grid for every arm."""
     s = p.sweep
@@ -228,7 +273,7 @@ def stability_probe(p: Protocol, out: Path) -> Path | None:
     if n < 1:
         return None
     probe = replace(s, sizes=[s.sizes[-1]], lr_min=s.lr_max * 10**step, lr_max=s.lr_max * 10 ** (n * step), lr_points=n, out=str(out / "stability"))
-    return run_sweep(probe)
+    return run_sweep(probe, collect_only=collect_only)
 
 
 def check(p: Protocol) -> None:
@@ -248,11 +293,18 @@ def check(p: Protocol) -> None:
             check_factors(p.lr_bracket.factors)
         except FitError as e:
             raise SweepError(f"lr_bracket.{e}") from None
-    if unknown := [arm for arm in p.lr_bracket.arms if arm not in arms]:
-        raise SweepError(f"lr_bracket.arms: {', '.join(unknown)} is not one of the arms ({', '.join(arms)})")
-    for arm, other in p.lr_checks.items():
-        if arm not in arms or other not in arms or arm == other:
-            raise SweepError(f"lr_checks: {{{arm}: {other}}} must name two different arms ({', '.join(arms)})")
+    for key, named in (("lr_bracket.arms", p.lr_bracket.arms), ("init_checks.arms", p.init_checks.arms)):
+        if unknown := [arm for arm in named if arm not in arms]:
+            raise SweepError(f"{key}: {', '.join(unknown)} is not one of the arms ({', '.join(arms)})")
+    if p.lr_bracket.train_at not in ("law", "verified"):
+        raise SweepError(f"lr_bracket.train_at={p.lr_bracket.train_at}; choose law (each arm's law's LR) or verified (its bracket's best)")
+    if p.lr_bracket.train_at == "verified" and not p.lr_bracket.factors:
+        raise SweepError("lr_bracket.train_at=verified needs lr_bracket.factors (e.g. [0.5, 1, 2]): the verified LR is the bracket's best")
+    for name, overrides in p.init_checks.settings.items():
+        try:
+            compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *overrides])
+        except SweepError as e:
+            raise SweepError(f"init_checks.settings.{name}: {e}") from None
     c = p.compression
     if c.arm not in arms:
         raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(arms)})")
@@ -263,45 +315,64 @@ def check(p: Protocol) -> None:
         raise SweepError(f"compression.kv_heads={list(c.kv_heads)}: each must be from 1 to {cfg.model.n_heads - 1}, below the target's {cfg.model.n_heads} heads")
 
 
-def run(p: Protocol) -> Path:
+def run(p: Protocol, archive: Path | None = None) -> Path:
+    """The protocol, resumed where it stopped; from an archive, the report made again from its runs alone."""
     started = time.perf_counter()
     out = Path(p.out)
     check(p)
-    results = run_sweep(p.sweep)
-    stability = stability_probe(p, out)
-    from mea.scaling.fit import main as fit_main
+    if archive is not None:
+        unpack(archive, out)
+        protocol.ARCHIVE = archive
+    results = run_sweep(p.sweep, collect_only=archive is not None)
+    stability = stability_probe(p, out, collect_only=archive is not None)
 
     fit_dir = out / "fit"
     n_target = target_size(p)
     fit_main(["lr-law", str(results), "--out", str(fit_dir), "--target", f"{n_target:g}", "--lr-conf-dir", str(out / "lr"), "--margin", str(p.margin)])
     fit = json.loads((fit_dir / "fit.json").read_text())
+    fit_val = laws_by_validation_loss(results, n_target, p.margin)
     lrs = chosen_lrs(p, fit, results)
+    brackets = lr_brackets(p, out, lrs)
+    if p.lr_bracket.train_at == "verified":
+        lrs = verified_lrs(lrs, brackets)
     second = p.second_corpus
     corpora = {"main": ([], p.target.seeds, p.target.tokens)} | ({"second": (second.data, second.seeds, second.tokens or p.target.tokens)} if second.data else {})
     comparisons = {}
     for corpus, (data, seeds, tokens) in corpora.items():
         dirs = [d for arm, chosen in lrs.items() for d in train_seeds(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)]
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
-    lr_checks = {}
-    for arm, other in p.lr_checks.items():
-        name = f"{arm}-at-{other}-lr"  # in a W&B group apart from the comparison's, which keeps one LR per arm
-        dirs = train_seeds(p, out / "lr-check" / name, arm, lrs[other]["lr"], p.target.seeds, [], p.target.tokens, group=f"{p.name}-lr-check")
-        lr_checks[arm] = {"other": other, "row": compare(dirs, out / "report-lr-check" / name, arm)["rows"][0]}
-    brackets = lr_brackets(p, out, lrs, comparisons["main"]["rows"])
+    inits = init_checks(p, out, lrs)
     common = [*p.sweep.overrides, *p.target.overrides]
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
     compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
-    from .report import write_report
+    from .report import Findings, write_report
 
-    return write_report(p, fit, lrs, comparisons, lr_checks, brackets, compression, results, stability, time.perf_counter() - started, Path(p.report))
+    findings = Findings(fit, fit_val, lrs, comparisons, brackets, inits, compression, results, stability, n_target)
+    report = Path(p.report)
+    if archive is not None:
+        return write_report(p, findings, made(out), report)
+    sitting = made_now(p, time.perf_counter() - started)
+    (out / "made.json").write_text(json.dumps(sitting, indent=1))
+    write_report(p, findings, sitting, report)
+    pack(out, report.with_suffix("") / "runs.tar.xz")
+    return report
+
+
+def made_now(p: Protocol, wall_s: float) -> dict:
+    """Where and when this sitting made the report, and what it read from outside its runs."""
+    from .init_audit import REFERENCE, finding
+
+    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "wall_s": wall_s, "init_audit": finding(load_spec(Path(p.init_audit)), REFERENCE) if p.init_audit else None}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mea-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
+    parser.add_argument("--from-archive", type=Path, metavar="RUNS_TAR_XZ", help="make the report again from a published report's runs.tar.xz alone, training nothing")
     args = parser.parse_args(argv)
     try:
-        path = run(load_protocol(args.spec))
+        path = run(load_protocol(args.spec), args.from_archive)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -35,7 +35,7 @@ from mea.models import LM, variant_class
 from mea.models.attention.base import HeadNorm, HeadShape
 from mea.models.dynamics import measure
 from mea.models.init import InitConfig
-from mea.plotting import plt, save_figure
+from mea.plotting import panels, plt, save_figure
 from mea.runs import read_run
 from mea.scaling.plots import LINESTYLES
 from mea.scaling.sweep import SweepError, SweepSpec, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
@@ -181,8 +181,8 @@ def plot_lr_curves(rows: list[dict], sizes: list[str], out: Path) -> Path:
     inits = sorted({r["init"] for r in rows})
     variants = sorted({r["attention"] for r in rows})
     colors = dict(zip(variants, plt.cm.tab10.colors))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    fig, axes = panels(len(sizes), columns=2)
+    for ax, size in zip(axes, sizes):
         for variant in variants:
             for k, init in enumerate(inits):
                 pts = sorted((r["lr"], r["loss"]) for r in rows if r["size"] == size and r["attention"] == variant and r["init"] == init and int(r["seed"]) == 0)

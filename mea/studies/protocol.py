@@ -14,10 +14,17 @@ from mea.scaling.effects import difference
 from mea.scaling.sweep import ROOT, SweepError, planned_identity
 
 
+# Set while a report is made again from its archive (mea.studies.archive): every run must be in it already, and
+# one that is not is an error rather than a training run started behind the reader's back.
+ARCHIVE: Path | None = None
+
+
 def train(run_dir: Path, overrides: list[str]) -> dict:
     """One training run as a subprocess (resumes or skips by itself); its summary."""
     if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
         raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
+    if ARCHIVE is not None and not (run_dir / "summary.json").is_file():
+        raise SweepError(f"{ARCHIVE} has no finished run {run_dir}: it was made from another spec; give the spec the report was made with")
     if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
         code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
         if code != 0 and not (run_dir / "summary.json").is_file():

@@ -5,26 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from mea.plotting import plt, save_figure
 from mea.runs import made_with
-from mea.scaling.sweep import at_largest_size, load_spec, read_results
-from mea.studies.init_audit import REFERENCE, finding
-from mea.scaling.effects import difference
+from mea.scaling.sweep import at_largest_size, read_results
+from mea.scaling.effects import Multipliers, difference
 from mea.studies.protocol import reading, standard_error, verdict, within_noise
+from mea.studies.trust import (bracket_claim, bracket_plot, bracket_table, held_out_table, init_table, loss_choice_table, multiplier_plot, multiplier_readings,
+                               multiplier_table, noise_of, own_bests, read_brackets, row_of, size_losses, two_readings)
 from mea.tools.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
-
-
-def row_of(rows: list[dict], arm: str) -> dict | None:
-    return next((r for r in rows if r["variant"] == arm), None)
 
 
 def largest_size_runs(results: Path, stability: Path | None) -> dict[str, dict[float, dict]]:
@@ -68,38 +63,8 @@ def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
 
 
-def bracket_claim(brackets: dict[str, dict], rows: list[dict], baseline: str) -> str:
-    """Whether any bracketed arm's law LR missed its optimum by more than the smallest gap the comparison reads."""
-    regrets = {arm: b["bracket"].regret for arm, b in brackets.items()}
-    worst = max(regrets, key=regrets.get)
-    gaps = {r["variant"]: abs(r["delta_vs_baseline"]) for r in rows if r["variant"] != baseline}
-    smallest = min(gaps, key=gaps.get) if gaps else None
-    open_edges = [arm for arm, b in brackets.items() if b["bracket"].extend]
-    said = (f"**Were the laws' LRs near each arm's optimum at the target?** Bracketed ({', '.join(brackets)}): the largest regret of a law's LR is "
-            f"{worst}'s, {regrets[worst]:+.4f} (its seeds' σ {next(r for r in rows if r['variant'] == worst)['final_val_loss_std']:.4f}).")
-    if smallest is not None:
-        moved = [arm for arm, regret in regrets.items() if regret >= gaps[smallest]]
-        said += (f" The smallest gap to {baseline} read here is {smallest}'s, {gaps[smallest]:.4f}: "
-                 + (f"the regret of {', '.join(moved)} is as large, so a verified LR could change that reading." if moved else "every regret is smaller, so no reading rests on a missed LR."))
-    if open_edges:
-        said += f" Still at the bracket's edge after one extension: {', '.join(open_edges)} (their best LR lies further out; read their regret as a lower bound)."
-    return said
-
-
-def bracket_table(brackets: dict[str, dict]) -> list[str]:
-    factors = sorted({f for b in brackets.values() for f in b["factors"]})
-    lines = ["| arm | law's LR | " + " | ".join(f"×{f:g}" for f in factors) + " | best LR | regret of the law's LR | reading |", "|---|---|" + "---|" * len(factors) + "---|---|---|"]
-    for arm, b in brackets.items():
-        loss = dict(zip(b["factors"], b["losses"]))
-        br = b["bracket"]
-        state = "flat within noise" if br.flat else f"best at the {br.extend} edge" if br.extend else "interior"
-        lines.append(f"| {arm} | {br.law_lr:.3g} | " + " | ".join(f"{loss[f]:.4f}" if f in loss and math.isfinite(loss[f]) else ("diverged" if f in loss else "–") for f in factors)
-                     + f" | {br.best_lr:.3g} | {br.regret:+.4f} | {state} |")
-    return lines
-
-
-def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]], lr_checks: dict[str, dict], brackets: dict[str, dict]) -> list[str]:
-    out = [bracket_claim(brackets, rows, p.baseline)] if brackets else []
+def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
+    out = []
     base = row_of(rows, p.baseline)
     mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
     if "mea" in lrs and p.baseline in lrs:
@@ -136,9 +101,6 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                 costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if within_noise(cost, standard_error(half, full)) else 'beyond'} 2 standard errors)")
         said = (f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
                 f"{reading(virtual, gqa)}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
-        if check := lr_checks.get("mha_gqa"):
-            fair = virtual["final_val_loss"] - check["row"]["final_val_loss"]
-            said += f" Against mha_gqa trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}): Δ = {fair:+.4f}, {reading(virtual, check['row'])}."
         out.append(said)
     if len(compression) > 1:
         control = compression[0]  # the uncompressed model after the same continued pretraining
@@ -147,15 +109,6 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                  f"{c['kv_bytes_per_token'] / control['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
         out.append("**A 50% KV cache costs little after continued pretraining.** " + "; ".join(parts) + ". "
                    f"(The control itself moved {control['val_after_recovery'] - control['val_after_conversion']:+.4f} in its {control['recover_steps']} steps.)")
-    for arm, check in lr_checks.items():
-        own, at = row_of(rows, arm), check["row"]
-        if own:
-            d = at["final_val_loss"] - own["final_val_loss"]
-            outcome = ("within noise (|Δ| ≤ 2 standard errors)" if within_noise(d, standard_error(at, own))
-                       else f"its own law's LR handicapped it: read the claims on {arm} with this" if d < 0 else "its own law's LR is the better one")
-            out.append(f"**Checked: did its law's LR handicap {arm}?** Trained at {check['other']}'s LR ({lrs[check['other']]['lr']:.3g}) instead of its own ({lrs[arm]['lr']:.3g}): "
-                       f"{at['final_val_loss']:.4f} ± {at['final_val_loss_std']:.4f} against {own['final_val_loss']:.4f} ± {own['final_val_loss_std']:.4f} "
-                       f"({at['seeds']} vs {own['seeds']} seeds): Δ = {d:+.4f}, {outcome}.")
     return out
 
 
@@ -170,10 +123,10 @@ def previous_results(path: Path) -> tuple[dict[str, float], dict[str, int]]:
     return deltas, steps
 
 
-def what_changed(p, rows: list[dict], out: Path, report: Path) -> list[str]:
+def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str | None) -> list[str]:
     lines = ["## What changed since the first report", ""]
-    if p.init_audit:
-        lines += [finding(load_spec(Path(p.init_audit)), REFERENCE), ""]
+    if init_audit:
+        lines += [init_audit, ""]
     previous = Path(p.previous_report)
     if not previous.is_file():
         return lines
@@ -219,6 +172,7 @@ def training_time(out: Path) -> str:
 
 
 RUN_KINDS = {"an LR-sweep run": "sweep/*/*/*", "a stability-probe run": "stability/*/*/*", "a from-scratch run": "compare-main/*/*",
+             "an LR-bracket run": "lr-bracket/*/*", "an init-check run": "init-check/*/*",
              "a second-corpus run": "compare-second/*/*", "a recovery run": "compression/*-recover"}
 
 
@@ -249,15 +203,92 @@ def recovery_plot(out: Path, compression_dir: Path, compression: list[dict]) -> 
     return save_figure(fig, out / "compression_recovery")
 
 
-def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str, dict], brackets: dict[str, dict], compression: list[dict], results: Path, stability: Path | None,
-                 wall_s: float, path: Path) -> Path:
+@dataclass
+class Findings:
+    """What one sitting of the experiment measured, as the report reads it."""
+
+    fit: dict  # the sweep's LR laws (by training loss)
+    fit_val: dict  # the same laws by validation loss
+    lrs: dict[str, dict]  # arm -> the LR its seeds trained at, and where it came from
+    comparisons: dict[str, dict]  # corpus -> mea.tools.compare's result
+    brackets: dict[str, dict]  # arm -> its LR bracket's runs (mea.studies.experiment.lr_brackets)
+    init_checks: dict[str, dict[str, float]]  # arm -> init setting -> final validation loss
+    compression: list[dict]
+    results: Path
+    stability: Path | None
+    target_n: float
+
+
+def trust_sections(p, f: Findings, rows: list[dict], brackets: dict[str, dict], assets: Path, rel) -> tuple[list[str], list[str]]:
+    """The report's sections on how far its readings hold (mea.studies.trust), and its lines for the claims."""
+    lines, said = [], []
+    trained_at = ("each arm's law's LR" if p.lr_bracket.train_at == "law" else
+                  "each bracketed arm's verified LR (its bracket's best, where the bracket is not flat within noise), the others' law's LR")
+    if brackets:
+        lines += ["## LR brackets at the target", "", f"Each bracketed arm trained at the target at its law's LR × {', '.join(f'{x:g}' for x in sorted(p.lr_bracket.factors))} "
+                  f"(seed {p.target.seeds[0]}{'; ×1 is its comparison run' if p.lr_bracket.train_at == 'law' else ''}), one factor further where the best lay at an edge. "
+                  "Best LR: the vertex of a quadratic in log LR through the lowest run and its neighbours; regret: the loss at the law's LR minus the best; "
+                  "flat: every run of it within twice one run's seed noise of the best. Final validation loss:", ""] + bracket_table(brackets)
+        lines += ["", f"The comparison's seeds train at {trained_at} (`lr_bracket.train_at={p.lr_bracket.train_at}`).", "", f"![LR brackets]({rel(bracket_plot(brackets, assets).name)})", ""]
+        said.append(bracket_claim(brackets, rows, p.baseline))
+    if f.init_checks:
+        lines += ["## The init, checked at the target", "", f"Each checked arm also trained at its comparison LR under each other init (seed {p.target.seeds[0]}, one run): "
+                  + "; ".join(f"{name}: `{' '.join(o)}`" for name, o in p.init_checks.settings.items())
+                  + ". The default's handicap: its seeds' mean minus the best other init, beyond noise where over twice the standard error of one run against that mean.", ""]
+        lines += init_table(f.init_checks, rows) + [""]
+    if brackets or f.init_checks:
+        table_lines, line = two_readings(rows, own_bests(rows, brackets, f.init_checks, f.lrs), p.baseline)
+        lines += ["## Two readings: one default, and every arm at its own best", "", line, ""] + table_lines + [""]
+        said.append(line)
+    return lines, said
+
+
+def law_checks(p, f: Findings) -> list[str]:
+    """The law held out on the largest swept size, and which loss picks the LR."""
+    lines = ["### The law on a size it did not see", "", "Each arm's law fitted on every swept size but the largest, its η* there against the quadratic "
+             "through that size's runs near their best (by training loss, as the laws are fitted). Step Law (arXiv 2503.04715) scores laws by this regret.", ""]
+    lines += held_out_table(f.fit) + ["", "### Which loss picks the LR", ""]
+    lines += ["The laws are fitted to the training loss, each run's mean over the last tenth of its logged steps: it averages many more tokens than the "
+              "final validation loss, read at one step on `trainer.eval_batches` batches, so its optimum is less noisy. Every table reads the validation loss. "
+              "The same sweep with the optimum picked by the validation loss instead:", ""]
+    if not f.fit_val["groups"]:
+        return lines + [f"No law by validation loss: {'; '.join(f.fit_val['messages'])}", ""]
+    table_lines, worst = loss_choice_table(f.fit, f.fit_val)
+    at_target = "; ".join(f"{arm} {f.lrs[arm]['lr']:.3g} → {next(iter(g['predictions'].values()))['lr']:.3g}" for arm, g in f.fit_val["groups"].items()
+                          if "predictions" in g and arm in f.lrs)
+    return lines + table_lines + ["", f"The largest ratio between the two optima is {worst:.2f}× (the sweep's LR grid steps "
+                                  f"{(p.sweep.lr_max / p.sweep.lr_min) ** (1 / max(1, p.sweep.lr_points - 1)):.2f}× a point). "
+                                  f"At the target, the LR its seeds train at against the law by validation loss: {at_target or 'none fitted'}.", ""]
+
+
+def multiplier_section(p, f: Findings, rows: list[dict], assets: Path, rel) -> list[str]:
+    losses, swept = size_losses(f.results, rows, f.target_n)
+    if p.baseline not in losses:
+        return []
+    noise = noise_of(rows, p.baseline)
+    readings = multiplier_readings(losses, swept, p.baseline, noise)
+    lines = ["## Parameter multipliers across sizes", "", f"The baseline's L(N) = E + A·N^(−α) fitted to {p.baseline}'s best final validation loss at each swept size "
+             "(the lowest over its LRs, one token budget); each arm's multiplier M = ((L_base(N) − E)/(L_arm − E))^(1/α) is the factor of baseline parameters "
+             "that reaches the arm's loss. At the target, trained on its own token budget, the floor moves by the baseline's loss there (the D term of "
+             f"L(N, D) is additive). 95% intervals: the target's seeds resampled, one swept run redrawn with one run's seed noise (σ = {noise:.4f}, from the target).", ""]
+    lines += multiplier_table(readings, f.target_n)
+    if len(swept) == 3 and any(isinstance(m, Multipliers) for m in readings.values()):
+        lines += ["", f"{len(swept)} swept sizes fix the law's three parameters exactly: a multiplier's interval rests on the seed noise alone, and a trend "
+                  "over this few sizes is a weak reading; only one whose interval excludes no change says anything."]
+    return lines + ["", f"![multipliers]({rel(multiplier_plot(losses, swept, readings, p.baseline, f.target_n, assets).name)})", ""]
+
+
+def write_report(p, f: Findings, made: dict, path: Path) -> Path:
+    """The report at path, its plots in the folder of its name; `made` is the sitting's record (experiment.made_now)."""
     out = Path(p.out)
-    grid = largest_size_runs(results, stability)
+    rows = f.comparisons["main"]["rows"]
+    grid = largest_size_runs(f.results, f.stability)
+    brackets = read_brackets(f.brackets, rows)
     assets = path.with_suffix("")
     assets.mkdir(parents=True, exist_ok=True)
-    plots = [out / "fit" / "lr_curves.png", out / "fit" / "lr_law.png", *comparisons["main"]["plots"]]
-    plots += [recovery_plot(assets, out / "compression", compression)]
-    for corpus, comp in comparisons.items():
+    plots = [out / "fit" / "lr_curves.png", out / "fit" / "lr_law.png", *f.comparisons["main"]["plots"]]
+    plots += [recovery_plot(assets, out / "compression", f.compression)]
+    for corpus, comp in f.comparisons.items():
         if corpus != "main":
             for plot in comp["plots"]:
                 shutil.copy(plot, assets / f"{corpus}_{plot.name}")
@@ -265,44 +296,45 @@ def write_report(p, fit: dict, lrs: dict, comparisons: dict, lr_checks: dict[str
         if plot.parent != assets:
             shutil.copy(plot, assets / plot.name)
     rel = lambda name: f"{assets.name}/{name}"  # noqa: E731
+    trust, trust_claims = trust_sections(p, f, rows, brackets, assets, rel)
     lines = [f"# {p.name}: the paper's claims at small scale", "",
-             f"Made by `mea-experiment` on {time.strftime('%Y-%m-%d')} · {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads · {training_time(out)} · wall time of this sitting {wall_s / 60:.1f} min (a re-run skips finished steps).", "",
+             f"Made by `mea-experiment` on {made['date']} · {made['machine']} CPU, {made['cores']} cores, torch {made['torch']}, "
+             f"{made['threads']} threads · {training_time(out)} · wall time of this sitting {made['wall_s'] / 60:.1f} min (a re-run skips finished steps). "
+             f"Its runs' configs, summaries and metrics are in [{assets.name}/runs.tar.xz]({assets.name}/runs.tar.xz): `mea-experiment {p.spec} --from-archive "
+             f"{path.with_suffix('')}/runs.tar.xz` makes this report again from them alone.", "",
              *commands(p, out), "",
-             "## Reading against the paper", ""] + [f"- {c}" for c in claims(p, fit, lrs, comparisons["main"]["rows"], compression, grid, lr_checks, brackets)] + [""]
-    lines += what_changed(p, comparisons["main"]["rows"], out, path)
+             "## Reading against the paper", ""] + [f"- {c}" for c in trust_claims + claims(p, f.fit, f.lrs, rows, f.compression, grid)] + [""]
+    lines += what_changed(p, rows, out, path, made['init_audit'])
     lines += ["## LR laws", "", "| arm | a | b (95% interval) | sizes fitted | LR at the target (95% interval) | source |", "|---|---|---|---|---|---|"]
-    for arm, chosen in lrs.items():
-        g = fit["groups"].get(arm, {})
+    for arm, chosen in f.lrs.items():
+        g = f.fit["groups"].get(arm, {})
         ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"
         law = (f"{g['a']:.4g}", f"{g['b']:.3f} ({g['b_ci'][0]:.3f} – {g['b_ci'][1]:.3f})") if "a" in g else ("–", "–")
         fitted = f"{sum('lr' in c for c in g.get('cells', []))} of {len(g.get('cells', []))}"
         lines.append(f"| {arm} | {law[0]} | {law[1]} | {fitted} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
-    if fit["messages"]:  # a size left out of a law: its LR rests on fewer points, read it with that in mind
-        lines += [""] + [f"> {m}" for m in fit["messages"]]
-    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in next(iter(fit["groups"].values()))["cells"]) + " |",
-              "|---|" + "---|" * len(next(iter(fit["groups"].values()))["cells"])]
-    for arm, g in fit["groups"].items():
+    if f.fit["messages"]:  # a size left out of a law: its LR rests on fewer points, read it with that in mind
+        lines += [""] + [f"> {m}" for m in f.fit["messages"]]
+    cells = next(iter(f.fit["groups"].values()))["cells"]
+    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in cells) + " |", "|---|" + "---|" * len(cells)]
+    for arm, g in f.fit["groups"].items():
         lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["cells"]) + " |")
-    lines += ["", f"![LR curves]({rel('lr_curves.png')}) ![LR law]({rel('lr_law.png')})", "",
-              f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if stability else ''}:", ""]
-    lines += stability_table(grid) + [""]
-    if brackets:
-        lines += ["## LR brackets at the target", "", f"Each bracketed arm trained at the target at its law's LR × {', '.join(f'{f:g}' for f in sorted(p.lr_bracket.factors))} "
-                  f"(seed {p.target.seeds[0]}; ×1 is its comparison run), one factor further where the best lay at an edge. Best LR: the vertex of a quadratic in log LR "
-                  "through the lowest run and its neighbours; regret: the loss at the law's LR minus the best. Final validation loss:", ""] + bracket_table(brackets) + [""]
+    lines += ["", f"![LR curves]({rel('lr_curves.png')})", "", f"![LR law]({rel('lr_law.png')})", "",
+              f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if f.stability else ''}:", ""]
+    lines += stability_table(grid) + [""] + law_checks(p, f) + trust
     lines += ["## From-scratch comparison", "",
-                                     "Validation loss at equal tokens, each arm at its own law's LR. Tokens/s are the runs' own, on whatever else "
-                                     "the machine was doing; speed ratios measured side by side are in BENCHMARKS.md.", ""]
-    for corpus, comp in comparisons.items():
+              f"Validation loss at equal tokens, each arm at {'its own law' if p.lr_bracket.train_at == 'law' else 'its verified'}'s LR. Tokens/s are the runs' own, on whatever else "
+              "the machine was doing; speed ratios measured side by side are in BENCHMARKS.md.", ""]
+    for corpus, comp in f.comparisons.items():
         lines += [f"### {'main corpus' if corpus == 'main' else 'second corpus'}", "", budget(out / f"compare-{corpus}"), ""] + table(comp["rows"], comp["baseline"]) + [""]
         prefix = "" if corpus == "main" else f"{corpus}_"
         lines += [f"![loss]({rel(prefix + 'loss_vs_tokens.png')}) ![delta]({rel(prefix + 'delta_vs_baseline.png')})", ""]
         if comp["notes"]:
             lines += [f"> {n}" for n in comp["notes"]] + [""]
-    if comparisons["main"]["dynamics"]:
+    if f.comparisons["main"]["dynamics"]:
         lines += ["### Training dynamics (main corpus)", "", DYNAMICS_NOTE, ""]
-        lines += [" ".join(f"![{p.stem}]({rel(p.name)})" for p in comparisons["main"]["dynamics"]), ""]
+        lines += [" ".join(f"![{d.stem}]({rel(d.name)})" for d in f.comparisons["main"]["dynamics"]), ""]
+    lines += multiplier_section(p, f, rows, assets, rel)
+    compression = f.compression
     lines += ["## KV-cache compression", "", f"Continued pretraining: {compression[0]['recover_steps']} steps, the same for every row. Validation loss here is "
               "`mea-eval`'s, over the first 256 validation windows (the trainer's own, in the table above, reads fewer).", "",
               "| setting | val loss after conversion | after continued pretraining | KV bytes/token (bf16) | decode ms/token (CPU, batch 4) |", "|---|---|---|---|---|"]

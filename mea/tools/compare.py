@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from mea.plotting import plt, save_figure
+from mea.plotting import mark_diverged, panels, plt, save_figure
 from mea.run_directory import describe
 from mea.runs import Run, RunError, read_run
 from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
@@ -177,16 +177,14 @@ def plot_dynamics(groups: dict[str, list[Run]], out: Path) -> list[Path]:
 def plot_lr_sensitivity(results: Path, out: Path) -> Path:
     rows = read_results(results)
     sizes = sorted({r["size"] for r in rows})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    fig, axes = panels(len(sizes))
+    for ax, size in zip(axes, sizes):
         for variant in sorted({r["variant"] for r in rows}):
             pts = sorted((float(r["lr"]), float(r["final_train_loss"]), r["diverged"] == "True") for r in rows if r["size"] == size and r["variant"] == variant)
-            line = ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o-", label=variant)[0]
-            for lr, _, bad in pts:
-                if bad:
-                    ax.axvline(lr, color=line.get_color(), ls=":", lw=0.8)
-        ax.set(xscale="log", xlabel="learning rate", ylabel="final train loss", title=f"{size}: LR sensitivity")
-        ax.legend(fontsize=7)
+            line = ax.plot([p[0] for p in pts if not p[2]], [p[1] for p in pts if not p[2]], "o-", ms=3.5, label=variant)[0]
+            mark_diverged(ax, [lr for lr, _, bad in pts if bad], line.get_color())
+        ax.set(xscale="log", xlabel="learning rate", ylabel="final train loss", title=f"{size}: LR sensitivity (× diverged)")
+        ax.legend(fontsize=6)
     return save_figure(fig, out / "lr_sensitivity")
 
 
