@@ -19,9 +19,9 @@ demo: $(BIN)/.installed
 
 # A test process per core and one more, each test file kept in one (its module fixtures are built once): the suite
 # is mostly short training subprocesses, one thread each (tests/conftest.py), and a share of it waits (on process
-# start-up, on the SLURM scheduler), which the extra process fills.
+# start-up, on the SLURM scheduler), which the extra process fills. Files start in tests/conftest.py's order.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadfile
+	$(BIN)/python -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadfile --no-loadscope-reorder
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/train_step.py

@@ -75,3 +75,13 @@ def started(args: list[str], **popen):
         yield proc
     finally:
         kill_tree(proc)
+
+
+# The files that take longest start first (the Makefile keeps this order with --no-loadscope-reorder; xdist's own
+# puts the files with most tests first, and these two came last, leaving the suite to wait on them at its end).
+LONGEST_FIRST = ("test_experiment.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -6,12 +6,15 @@ import re
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 
 from mea.scaling.effects import Bracket, difference
 from mea.studies.init_audit import finding
 from mea.runs import code_version
 from mea.scaling.sweep import SweepError, load_spec
-from mea.studies.experiment import check, load_protocol
+from mea.studies.archive import unpack
+from mea.studies.experiment import check, load_protocol, target_overrides
+from mea.studies.protocol import train
 from mea.studies.trust import bracket_claim, held_out_table, init_table, own_bests, two_readings, verified_lrs
 
 from .conftest import run_cli
@@ -64,6 +67,13 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     proc = run_cli("-m", "mea.studies.experiment", str(spec))
     assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr
     assert not (tmp_path / "runs").exists()
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt"))
+    (tmp_path / "damaged.tar.xz").write_bytes(b"not an archive")
+    for archive, error in (("missing.tar.xz", "missing.tar.xz does not exist; give the runs.tar.xz beside a published report"),
+                           ("damaged.tar.xz", "damaged.tar.xz is not a readable archive (")):
+        proc = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(tmp_path / archive))
+        assert proc.returncode == 2 and error in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.unpacking").exists()
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("paper_small_2026-11-25.md", "paper_small_1999.md"))
     proc = run_cli("-m", "mea.studies.experiment", str(spec))
     assert proc.returncode == 2 and "previous_report=docs/results/paper_small_1999.md does not exist; give an existing file or leave previous_report out" in proc.stderr
@@ -116,8 +126,8 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     assert remade.returncode == 0 and "it/s" not in remade.stderr, remade.stderr[-3000:]
     assert (tmp_path / "results" / "micro.md").read_text() == report
     assert not list((tmp_path / "runs").rglob("*.safetensors"))  # no checkpoint travels in the archive
-    refused = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(archived))
-    assert refused.returncode == 2 and f"{tmp_path / 'runs'} already holds runs; make the report from them with `mea-experiment <spec>`" in refused.stderr
+    with pytest.raises(SweepError, match=re.escape(f"{tmp_path / 'runs'} already holds runs; make the report from them with `mea-experiment <spec>`")):
+        unpack(archived, tmp_path / "runs")  # never mixed with runs already there
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "trained").rename(tmp_path / "runs")
     assert "model.n_kv_heads=2" in (tmp_path / "runs" / "compare-main" / "mha_gqa" / "s0" / ".hydra" / "overrides.yaml").read_text()  # half the heads stored
@@ -127,10 +137,11 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     row = re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| ([\d.]+) \| ", report)
     recovery_curve = [json.loads(line) for line in (tmp_path / "runs" / "compression" / "kv2-all-recover" / "metrics.jsonl").read_text().splitlines()]
     assert abs(float(row.group(1)) - recovery_curve[-1]["val_loss"]) < 1e-3  # the recovery curve is read on mea-eval's windows
-    spec.write_text(spec.read_text().replace("tokens: 4096, overrides: [model.dim=96", "tokens: 8192, overrides: [model.dim=96"))
-    changed = run_cli("-m", "mea.studies.experiment", str(spec), timeout=600)  # a changed spec never reuses runs made under the old one
-    assert changed.returncode == 2 and "holds another run than the spec now asks (trainer.max_steps: 16 recorded, 32 now)" in changed.stderr
-    assert "is already done" in changed.stdout and "it/s" not in changed.stderr  # resumable: the sweep, unchanged, trains nothing
+    changed = load_protocol(spec)  # a changed spec never reuses runs made under the old one: the next run, s0 of mha, refuses
+    changed.target.tokens = 8192
+    with pytest.raises(SweepError, match=re.escape("holds another run than the spec now asks (trainer.max_steps: 16 recorded, 32 now)")):
+        run = tmp_path / "runs" / "compare-main" / "mha" / "s0"
+        train(run, target_overrides(changed, "mha", OmegaConf.load(run / "config.yaml").optim.lr, 0, [], changed.target.tokens))
     with open(tmp_path / "runs" / "stability" / "results.csv") as f:  # the grid continued at the largest size: lr 1.0
         probe = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(probe) == {"mha", "mea", "mha_gqa"} and {r["lr"] for r in probe.values()} == {"1.0"} and {r["size"] for r in probe.values()} == {"w64"}

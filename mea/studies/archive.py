@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -48,14 +50,23 @@ def unpack(archive: Path, out: Path) -> None:
         raise SweepError(f"{archive} does not exist; give the runs.tar.xz beside a published report (docs/results/<name>/runs.tar.xz)")
     if out.exists() and any(out.iterdir()):
         raise SweepError(f"{out} already holds runs; make the report from them with `mea-experiment <spec>`, or move {out} away to make it from the archive")
+    partial = out.with_name(out.name + ".unpacking")  # renamed to out once whole: a failure leaves no half of the runs behind
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(out, filter="data")  # plain files inside out only: nothing in the archive is executed or placed elsewhere
-    except (tarfile.TarError, EOFError) as e:
+            tar.extractall(partial, filter="data")  # plain files inside it only: nothing in the archive is executed or placed elsewhere
+    except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
+        shutil.rmtree(partial, ignore_errors=True)
         raise SweepError(f"{archive} is not a readable archive ({e}); fetch it again from the repository") from None
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
 
 
-def made(out: Path) -> dict | None:
-    """The archive's record of where and when the report was made, when out was unpacked from one."""
+def made(out: Path, archive: Path) -> dict:
+    """The archive's record of where and when the report was made (out unpacked from it)."""
     path = out / "made.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        raise SweepError(f"{archive} has no made.json: it was not written by mea-experiment; give the runs.tar.xz beside a published report")
+    return json.loads(path.read_text())

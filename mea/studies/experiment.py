@@ -2,8 +2,10 @@
 each arm's predicted LR with several seeds, KV-cache compression with recovery, a second corpus, the report.
 
     mea-experiment sweeps/paper_small.yaml      # run it (again: every finished step is skipped)
+    mea-experiment sweeps/paper_small.yaml --from-archive docs/results/paper_small/runs.tar.xz   # the report again, training nothing
 
-Every number of the report comes from the runs this command makes; the report is written to `report`.
+Every number of the report comes from the runs this command makes; the report is written to `report`, its runs'
+configs, summaries and metrics to `runs.tar.xz` in the folder beside it (mea.studies.archive).
 """
 from __future__ import annotations
 
@@ -350,7 +352,7 @@ def run(p: Protocol, archive: Path | None = None) -> Path:
     findings = Findings(fit, fit_val, lrs, comparisons, brackets, inits, compression, results, stability, n_target)
     report = Path(p.report)
     if archive is not None:
-        return write_report(p, findings, made(out), report)
+        return write_report(p, findings, made(out, archive), report)
     sitting = made_now(p, time.perf_counter() - started)
     (out / "made.json").write_text(json.dumps(sitting, indent=1))
     write_report(p, findings, sitting, report)
