@@ -79,7 +79,7 @@ def started(args: list[str], **popen):
 
 # The files that take longest start first (the Makefile keeps this order with --no-loadscope-reorder; xdist's own
 # puts the files with most tests first, and these two came last, leaving the suite to wait on them at its end).
-LONGEST_FIRST = ("test_experiment.py", "test_slurm.py")
+LONGEST_FIRST = ("test_protocol_micro.py", "test_slurm.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -58,7 +58,7 @@ def unpack(archive: Path, out: Path) -> None:
             tar.extractall(partial, filter="data")  # plain files inside it only: nothing in the archive is executed or placed elsewhere
     except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
         shutil.rmtree(partial, ignore_errors=True)
-        raise SweepError(f"{archive} is not a readable archive ({e}); fetch it again from the repository") from None
+        raise SweepError(f"{archive} is not a readable archive ({str(e).splitlines()[0].rstrip(':')}); fetch it again from the repository") from None
     if out.exists():
         out.rmdir()
     partial.rename(out)
