@@ -9,6 +9,7 @@ import pytest
 from mea.scaling.effects import Bracket, difference
 from mea.studies.init_audit import finding
 from mea.scaling.sweep import SweepError, load_spec
+from mea.studies.archive import unpack
 from mea.studies.experiment import check, load_protocol
 from mea.studies.trust import bracket_claim, held_out_table, init_table, own_bests, two_readings, verified_lrs
 
@@ -42,37 +43,33 @@ second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vo
 
 
 def test_bad_spec_settings_fail_before_any_run(tmp_path):
+    """Each in one line, before anything is written: through the command (exit 2) for a spec and an archive, and the
+    same checks called directly for the rest."""
     spec = tmp_path / "bad.yaml"
-    for good, bad, error in [("tokens: 2048}", "tokens: -1}", "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's"),
-                             ("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
-                             ("arms: [mha, mea]}\ninit", "arms: [mha, mea], train_at: best}\ninit", "lr_bracket.train_at=best; choose law (each arm's law's LR) or verified")]:
-        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
-        proc = run_cli("-m", "mea.studies.experiment", str(spec))
-        assert proc.returncode == 2 and error in proc.stderr, proc.stderr
-        assert not (tmp_path / "runs").exists()
-    for good, bad, error in [("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("tokens: 2048}", "tokens: -1}"))
+    proc = run_cli("-m", "mea.studies.experiment", str(spec))
+    assert proc.returncode == 2 and "second_corpus.tokens=-1; give a positive token budget, or 0 for the target's" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt"))
+    (tmp_path / "damaged.tar.xz").write_bytes(b"not an archive")
+    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(tmp_path / "damaged.tar.xz"))
+    assert proc.returncode == 2 and "damaged.tar.xz is not a readable archive (" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.unpacking").exists()
+    with pytest.raises(SweepError, match="missing.tar.xz does not exist; give the runs.tar.xz beside a published report"):
+        unpack(tmp_path / "missing.tar.xz", tmp_path / "runs")
+    for good, bad, error in [("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
+                             ("arms: [mha, mea]}\ninit", "arms: [mha, mea], train_at: best}\ninit", "lr_bracket.train_at=best; choose law (each arm's law's LR) or verified"),
+                             ("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
                              ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa)"),
                              ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa)"),
                              ("init_checks: {settings: {llama: [model.init.scheme=llama", "init_checks: {settings: {llama: [model.init.scheme=xavier", "init_checks.settings.llama: "),
-                             ("head_norm_scale=1.0]}, arms: [mha, mea]", "head_norm_scale=1.0]}, arms: [gpt]", "init_checks.arms: gpt is not one of the arms")]:
-        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))  # the same check as above, called directly
+                             ("head_norm_scale=1.0]}, arms: [mha, mea]", "head_norm_scale=1.0]}, arms: [gpt]", "init_checks.arms: gpt is not one of the arms"),
+                             ("kv_heads: [2]", "kv_heads: [2, 4]", "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads"),
+                             ("paper_small_2026-11-25.md", "paper_small_1999.md",
+                              "previous_report=docs/results/paper_small_1999.md does not exist; give an existing file or leave previous_report out")]:
+        spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(good, bad))
         with pytest.raises(SweepError, match=re.escape(error)):
             check(load_protocol(spec))
-    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("kv_heads: [2]", "kv_heads: [2, 4]"))
-    proc = run_cli("-m", "mea.studies.experiment", str(spec))
-    assert proc.returncode == 2 and "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads" in proc.stderr
-    assert not (tmp_path / "runs").exists()
-    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt"))
-    (tmp_path / "damaged.tar.xz").write_bytes(b"not an archive")
-    for archive, error in (("missing.tar.xz", "missing.tar.xz does not exist; give the runs.tar.xz beside a published report"),
-                           ("damaged.tar.xz", "damaged.tar.xz is not a readable archive (")):
-        proc = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(tmp_path / archive))
-        assert proc.returncode == 2 and error in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.unpacking").exists()
-    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("paper_small_2026-11-25.md", "paper_small_1999.md"))
-    proc = run_cli("-m", "mea.studies.experiment", str(spec))
-    assert proc.returncode == 2 and "previous_report=docs/results/paper_small_1999.md does not exist; give an existing file or leave previous_report out" in proc.stderr
-    assert not (tmp_path / "runs").exists()
 
 
 AUDIT = """
