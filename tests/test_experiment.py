@@ -37,7 +37,7 @@ sweep:
 target: {{model: tiny, name: w96, tokens: 4096, overrides: [model.dim=96, model.n_heads=4], seeds: [0, 1]}}
 lr_bracket: {{factors: [0.5, 1, 2], arms: [mha, mea]}}
 init_checks: {{settings: {{llama: [model.init.scheme=llama, model.init.head_norm_scale=1.0]}}, arms: [mha, mea]}}
-compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all, middle: "1"}}, recover_share: 0.25}}
+compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all}}, recover_share: 0.25}}
 second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512], seeds: [0], tokens: 2048}}
 """
 
@@ -176,10 +176,10 @@ def test_the_bracket_claim_says_whether_a_missed_lr_could_move_a_reading():
 
 def test_a_verified_lr_moves_only_where_the_bracket_says_so():
     lrs = {"mha": {"lr": 2e-3, "ci": None, "source": "law"}, "mea": {"lr": 4e-3, "ci": None, "source": "law"}, "tha": {"lr": 1e-3, "ci": None, "source": "law"}}
-    brackets = {"mha": {"bracket": Bracket(2e-3, 3e-3, 3.66, 0.02, False, None, None)}, "mea": {"bracket": Bracket(4e-3, 5e-3, 3.60, 0.001, True, None, None)}}
+    brackets = {"mha": {"bracket": Bracket(2e-3, 3e-3, 3.66, 0.02, False, None, None)}, "mea": {"bracket": Bracket(4e-3, 4e-3, 3.60, 0.0, False, None, None)}}
     moved = verified_lrs(lrs, brackets)
     assert moved["mha"]["lr"] == 3e-3 and moved["mha"]["source"] == "verified: the LR bracket's best (1.50× the law's 0.002)"
-    assert moved["mea"] == lrs["mea"] and moved["tha"] == lrs["tha"]  # flat: nothing says to move; not bracketed: the law's
+    assert moved["mea"] == lrs["mea"] and moved["tha"] == lrs["tha"]  # the law's LR was the best; not bracketed: the law's
 
 
 def test_the_two_readings_disagree_where_an_arms_own_best_init_turns_its_gap_around():

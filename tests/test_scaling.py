@@ -291,7 +291,7 @@ def test_a_stop_signal_ends_a_local_sweep_after_its_runs_saved_and_the_same_comm
     """SIGTERM, or Ctrl-C (SIGINT), to mea-sweep running two runs at once: every run in progress saves a
     checkpoint, no further run or multirun starts, and running the spec again finishes it."""
     spec = tmp_path / "mini.yaml"
-    spec.write_text(MINI.replace("OUT", str(tmp_path / "out")).replace("tokens: 6144", "tokens: 30720"))  # 120 steps a run
+    spec.write_text(MINI.replace("OUT", str(tmp_path / "out")).replace("tokens: 6144", "tokens: 20480"))  # 80 steps a run
     runs = [tmp_path / "out" / size / "mea" / f"lr{lr}-s0" for size in ("w32", "w64") for lr in (0.001, 0.01, 0.1)]
 
     def logged() -> dict:  # the runs that have trained a step: a run stopped before its first has nothing to save

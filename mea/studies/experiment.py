@@ -78,8 +78,8 @@ class LRBracket:
 
     factors: list[float] = field(default_factory=list)
     arms: list[str] = field(default_factory=list)  # which arms; none: every arm
-    # what the comparison's seeds train at: "law", each arm's law's LR; "verified", its bracket's best where the
-    # bracket is not flat within noise (the ×1 run is then a bracket run of its own)
+    # what the comparison's seeds train at: "law", each arm's law's LR; "verified", its bracket's best (the ×1 run
+    # is then a bracket run of its own)
     train_at: str = "law"
 
 

@@ -223,7 +223,7 @@ def trust_sections(p, f: Findings, rows: list[dict], brackets: dict[str, dict], 
     """The report's sections on how far its readings hold (mea.studies.trust), and its lines for the claims."""
     lines, said = [], []
     trained_at = ("each arm's law's LR" if p.lr_bracket.train_at == "law" else
-                  "each bracketed arm's verified LR (its bracket's best, where the bracket is not flat within noise), the others' law's LR")
+                  "each bracketed arm's verified LR (its bracket's best; a bracket read flat below bought nothing measurable), the others' law's LR")
     if brackets:
         lines += ["## LR brackets at the target", "", f"Each bracketed arm trained at the target at its law's LR × {', '.join(f'{x:g}' for x in sorted(p.lr_bracket.factors))} "
                   f"(seed {p.target.seeds[0]}{'; ×1 is its comparison run' if p.lr_bracket.train_at == 'law' else ''}), one factor further where the best lay at an edge. "

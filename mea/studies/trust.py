@@ -89,11 +89,12 @@ def bracket_plot(brackets: dict[str, dict], out: Path) -> Path:
 
 
 def verified_lrs(lrs: dict[str, dict], brackets: dict[str, dict]) -> dict[str, dict]:
-    """Each bracketed arm's LR moved to its bracket's best; a flat bracket keeps the law's (nothing says to move)."""
+    """Each bracketed arm's LR moved to its bracket's best. The seeds that would tell a flat bracket from a curved one
+    are trained after it, at the LR chosen here; the report reads the bracket with their noise afterwards."""
     moved = dict(lrs)
     for arm, b in brackets.items():
         br = b["bracket"]
-        if not br.flat and br.best_lr != br.law_lr:
+        if br.best_lr != br.law_lr:
             edge = f", still at the {br.extend} edge" if br.extend else ""
             moved[arm] = {"lr": br.best_lr, "ci": None, "source": f"verified: the LR bracket's best ({br.best_lr / br.law_lr:.2f}× the law's {br.law_lr:.3g}{edge})"}
     return moved
