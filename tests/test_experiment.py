@@ -57,6 +57,9 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.unpacking").exists()
     with pytest.raises(SweepError, match="missing.tar.xz does not exist; give the runs.tar.xz beside a published report"):
         unpack(tmp_path / "missing.tar.xz", tmp_path / "runs")
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt") + "lr_checks: {mha_gqa: mha}\n")  # retired for the LR bracket
+    with pytest.raises(SweepError, match=re.escape("Key 'lr_checks' not in 'Protocol'; sweeps/paper_small.yaml shows every setting a spec takes")):
+        load_protocol(spec)
     for good, bad, error in [("w96, tokens: 4096", "w96, tokens: 0", "target.tokens=0; give the from-scratch runs a positive token budget"),
                              ("arms: [mha, mea]}\ninit", "arms: [mha, mea], train_at: best}\ninit", "lr_bracket.train_at=best; choose law (each arm's law's LR) or verified"),
                              ("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),

@@ -121,7 +121,7 @@ def load_protocol(path: Path) -> Protocol:
         raw.spec = str(path)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Protocol), raw))
     except OmegaConfBaseException as e:
-        raise SweepError(f"{path}: {str(e).splitlines()[0]}") from None
+        raise SweepError(f"{path}: {str(e).splitlines()[0]}; sweeps/paper_small.yaml shows every setting a spec takes") from None
 
 
 def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int, group: str = "") -> list[str]:
