@@ -29,12 +29,14 @@ from mea.models.attention.mha import MHAConfig
 from mea.pretrained import load_pretrained
 from mea.scaling.effects import check_factors, lr_bracket
 from mea.scaling.fit import lr_law, parse, public
-from mea.scaling.fit import main as fit_main  # noqa: I001
+from mea.scaling.fit import main as fit_main
 from mea.scaling.laws import FitError
 from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, load_spec, read_results, run_sweep, trained
 from mea.studies import protocol
 from mea.studies.archive import made, pack, unpack
+from mea.studies.init_audit import REFERENCE, finding
 from mea.studies.protocol import train
+from mea.studies.report import Findings, write_report
 from mea.studies.trust import verified_lrs
 from mea.tools.compare import compare
 from mea.tools.compress import CONVERTIBLE, compress, parse_layers, write_compressed
@@ -347,8 +349,6 @@ def run(p: Protocol, archive: Path | None = None) -> Path:
     common = [*p.sweep.overrides, *p.target.overrides]
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
     compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
-    from .report import Findings, write_report
-
     findings = Findings(fit, fit_val, lrs, comparisons, brackets, inits, compression, results, stability, n_target)
     report = Path(p.report)
     if archive is not None:
@@ -362,8 +362,6 @@ def run(p: Protocol, archive: Path | None = None) -> Path:
 
 def made_now(p: Protocol, wall_s: float) -> dict:
     """Where and when this sitting made the report, and what it read from outside its runs."""
-    from .init_audit import REFERENCE, finding
-
     return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "wall_s": wall_s, "init_audit": finding(load_spec(Path(p.init_audit)), REFERENCE) if p.init_audit else None}
 
