@@ -88,9 +88,9 @@ class HeldOut:
 
 
 def held_out_miss(sizes: list[float], optima: list[float], largest_lrs: list[float], largest_losses: list[float]) -> HeldOut:
-    """η*(N) = a·N^b fitted on every size but the largest (sizes and optima sorted by size, the largest last),
-    its prediction at the largest, and the regret read off the largest's measured curve (a quadratic in log LR
-    through its three lowest points around the prediction)."""
+    """η*(N) = a·N^b fitted on every size but the largest (sizes and optima sorted by size, the largest last; the
+    largest's own optimum is not read), its prediction at the largest, and the regret read off the largest's
+    measured curve: a quadratic in log LR through the runs given for it (the report gives those its fit used)."""
     if len(sizes) < 3:
         raise FitError(f"a held-out test of the law needs 3 sizes or more (2 to fit, 1 to test); this sweep has {len(sizes)}")
     b, log_a = np.polyfit(np.log(sizes[:-1]), np.log(optima[:-1]), 1)
