@@ -8,12 +8,13 @@ import pytest
 
 from mea.scaling.effects import Bracket, difference
 from mea.studies.init_audit import finding
-from mea.scaling.sweep import SweepError, load_spec
+from mea.scaling.sweep import Launcher, SweepError, load_spec
 from mea.studies.archive import unpack
 from mea.studies.experiment import check, load_protocol
+from mea.studies.protocol import train_side_by_side
 from mea.studies.trust import bracket_claim, held_out_table, init_table, own_bests, two_readings, verified_lrs
 
-from .conftest import run_cli
+from .conftest import QUICK, run_cli
 
 SPEC = """
 name: micro
@@ -217,3 +218,13 @@ def test_the_held_out_law_reads_a_fit_without_its_largest_size():
     table = held_out_table(fit)
     assert f"| mha | {law(1.6e7):.3g} | {2 * law(1.6e7):.3g} | 0.50× | {0.05 * math.log(2) ** 2:+.4f} |" in table
     assert "| mea | – | – | – | not tested: a smaller size or the largest has no fitted optimum |" in table
+
+
+def test_target_runs_train_side_by_side_and_one_failure_stops_none_of_the_others(tmp_path):
+    quick = [*QUICK, "trainer.max_steps=6", "trainer.eval_every=6"]
+    runs = {tmp_path / "a": quick, tmp_path / "b": [*quick, "trainer.seed=1"], tmp_path / "bad": [*quick, "data=tinyshakespeare", f"data.source={tmp_path / 'absent.txt'}"]}
+    with pytest.raises(SweepError, match=re.escape(f"the run {tmp_path / 'bad'} failed (exit")):
+        train_side_by_side(runs, Launcher(jobs=2))
+    started = {name: (tmp_path / name / ".hydra" / "overrides.yaml").stat().st_mtime for name in ("a", "b")}
+    ended = {name: (tmp_path / name / "summary.json").stat().st_mtime for name in ("a", "b")}  # the failure waited for both
+    assert started["a"] < ended["b"] and started["b"] < ended["a"]  # two at once

@@ -35,7 +35,7 @@ from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_ar
 from mea.studies import protocol
 from mea.studies.archive import made, pack, unpack
 from mea.studies.init_audit import REFERENCE, finding
-from mea.studies.protocol import train
+from mea.studies.protocol import train, train_side_by_side
 from mea.studies.report import Findings, write_report
 from mea.studies.trust import verified_lrs
 from mea.tools.compare import compare
@@ -133,12 +133,32 @@ def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str
     return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={group or p.name}"]
 
 
+def seed_runs(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> dict[Path, list[str]]:
+    """One from-scratch run of the arm per seed, in root/s<seed>: each one's directory and overrides."""
+    return {root / f"s{seed}": target_overrides(p, arm, lr, seed, data, tokens, group) for seed in seeds}
+
+
 def train_seeds(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> list[Path]:
     """One from-scratch run of the arm per seed, in root/s<seed>; their directories."""
-    dirs = [root / f"s{seed}" for seed in seeds]
-    for run_dir, seed in zip(dirs, seeds):
-        train(run_dir, target_overrides(p, arm, lr, seed, data, tokens, group))
-    return dirs
+    runs = seed_runs(p, root, arm, lr, seeds, data, tokens, group)
+    for run_dir, overrides in runs.items():
+        train(run_dir, overrides)
+    return list(runs)
+
+
+def corpora(p: Protocol) -> dict[str, tuple[list[str], list[int], int]]:
+    """Each corpus the seeds are trained on: its data overrides, seeds and token budget."""
+    second = p.second_corpus
+    return {"main": ([], p.target.seeds, p.target.tokens)} | ({"second": (second.data, second.seeds, second.tokens or p.target.tokens)} if second.data else {})
+
+
+def target_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[Path, list[str]]:
+    """The runs at the target that the chosen LRs settle: every arm's seeds on every corpus and its init checks."""
+    runs = {}
+    for arm, chosen in lrs.items():
+        for corpus, (data, seeds, tokens) in corpora(p).items():
+            runs |= seed_runs(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)
+    return runs | dict(init_check_runs(p, out, lrs).values())
 
 
 def target_size(p: Protocol) -> float:
@@ -179,7 +199,7 @@ def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict]
     """Each bracketed arm's runs at the target (the first seed): the law's LR, the factors run, their final
     validation losses and their reading (extended once past an edge where the best lay there)."""
     seed, readings = p.target.seeds[0], {}
-    for arm in (p.lr_bracket.arms or list(lrs)) if p.lr_bracket.factors else []:
+    for arm in bracketed(p, lrs):
         law_lr, factors = lrs[arm]["lr"], sorted(p.lr_bracket.factors)
         for extended in (False, True):
             losses = [bracket_loss(p, out, arm, law_lr, factor, seed) for factor in factors]
@@ -191,23 +211,42 @@ def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict]
     return readings
 
 
-def bracket_loss(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> float:
-    """The final validation loss at law_lr × factor (NaN if it diverged); ×1 is the comparison's own run when the
-    comparison trains at the law's LR."""
+def bracket_run(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> tuple[Path, list[str]]:
+    """The run at law_lr × factor: its directory and overrides; ×1 is the comparison's own run when the comparison
+    trains at the law's LR."""
     at_law = factor == 1 and p.lr_bracket.train_at == "law"
     run_dir = out / "compare-main" / arm / f"s{seed}" if at_law else out / "lr-bracket" / arm / f"x{factor:g}"
-    summary = train(run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=p.name if at_law else f"{p.name}-lr-bracket"))
+    return run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=p.name if at_law else f"{p.name}-lr-bracket")
+
+
+def bracketed(p: Protocol, lrs: dict[str, dict]) -> list[str]:
+    return (p.lr_bracket.arms or list(lrs)) if p.lr_bracket.factors else []
+
+
+def first_bracket_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[Path, list[str]]:
+    """Every bracketed arm's runs at the spec's factors, before any extension."""
+    return dict(bracket_run(p, out, arm, lrs[arm]["lr"], factor, p.target.seeds[0]) for arm in bracketed(p, lrs) for factor in p.lr_bracket.factors)
+
+
+def bracket_loss(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> float:
+    """The final validation loss at law_lr × factor (NaN if it diverged)."""
+    summary = train(*bracket_run(p, out, arm, law_lr, factor, seed))
     return math.nan if summary.get("diverged") else summary["final_val_loss"]
+
+
+def init_check_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[tuple[str, str], tuple[Path, list[str]]]:
+    """(arm, init setting) -> the directory and overrides of its one run at the target, at the arm's chosen LR."""
+    seed = p.target.seeds[0]
+    return {(arm, name): (out / "init-check" / name / arm, [*target_overrides(p, arm, lrs[arm]["lr"], seed, [], p.target.tokens, group=f"{p.name}-init-check"), *overrides])
+            for arm in ((p.init_checks.arms or list(lrs)) if p.init_checks.settings else []) for name, overrides in p.init_checks.settings.items()}
 
 
 def init_checks(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict[str, float]]:
     """arm -> init setting -> the final validation loss of one run at the target (NaN if it diverged)."""
-    seed, checks = p.target.seeds[0], {}
-    for arm in (p.init_checks.arms or list(lrs)) if p.init_checks.settings else []:
-        for name, overrides in p.init_checks.settings.items():
-            run_dir = out / "init-check" / name / arm
-            summary = train(run_dir, [*target_overrides(p, arm, lrs[arm]["lr"], seed, [], p.target.tokens, group=f"{p.name}-init-check"), *overrides])
-            checks.setdefault(arm, {})[name] = math.nan if summary.get("diverged") else summary["final_val_loss"]
+    checks = {}
+    for (arm, name), run in init_check_runs(p, out, lrs).items():
+        summary = train(*run)
+        checks.setdefault(arm, {})[name] = math.nan if summary.get("diverged") else summary["final_val_loss"]
     return checks
 
 
@@ -336,13 +375,14 @@ def run(p: Protocol, archive: Path | None = None) -> Path:
     fit = json.loads((fit_dir / "fit.json").read_text())
     fit_val = laws_by_validation_loss(results, n_target, p.margin)
     lrs = chosen_lrs(p, fit, results)
+    # the runs the laws' LRs settle are trained side by side first; the readings below then find them finished
+    train_side_by_side(first_bracket_runs(p, out, lrs) | (target_runs(p, out, lrs) if p.lr_bracket.train_at == "law" else {}))
     brackets = lr_brackets(p, out, lrs)
     if p.lr_bracket.train_at == "verified":
         lrs = verified_lrs(lrs, brackets)
-    second = p.second_corpus
-    corpora = {"main": ([], p.target.seeds, p.target.tokens)} | ({"second": (second.data, second.seeds, second.tokens or p.target.tokens)} if second.data else {})
+    train_side_by_side(target_runs(p, out, lrs))
     comparisons = {}
-    for corpus, (data, seeds, tokens) in corpora.items():
+    for corpus, (data, seeds, tokens) in corpora(p).items():
         dirs = [d for arm, chosen in lrs.items() for d in train_seeds(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)]
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
     inits = init_checks(p, out, lrs)

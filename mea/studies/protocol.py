@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mea.run_directory import RunDirectory, describe
 from mea.scaling.effects import difference
-from mea.scaling.sweep import ROOT, SweepError, planned_identity
+from mea.scaling.sweep import ROOT, Launcher, SweepError, planned_identity
 
 
 # Set while a report is made again from its archive (mea.studies.archive): every run must be in it already, and
@@ -21,15 +23,39 @@ ARCHIVE: Path | None = None
 
 def train(run_dir: Path, overrides: list[str]) -> dict:
     """One training run as a subprocess (resumes or skips by itself); its summary."""
+    refuse_another_run(run_dir, overrides)
+    return train_checked(run_dir, overrides)
+
+
+def refuse_another_run(run_dir: Path, overrides: list[str]) -> None:
+    """Stop where run_dir holds a run of other settings, or, while a report is made from its archive, none at all."""
     if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
         raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
     if ARCHIVE is not None and not (run_dir / "summary.json").is_file():
         raise SweepError(f"{ARCHIVE} has no finished run {run_dir}: it was made from another spec; give the spec the report was made with")
+
+
+def train_checked(run_dir: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
     if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
-        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT)
+        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env)
         if code != 0 and not (run_dir / "summary.json").is_file():
             raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def train_side_by_side(runs: dict[Path, list[str]], launcher: Launcher | None = None) -> None:
+    """Independent runs trained as the sweep's are on this machine, `jobs` at once of `threads` threads each (as
+    train does, each resumes or skips by itself). Every run is checked before any starts (composing a config is
+    not thread-safe), and every one is left to finish before the first failure is raised, so that one failed run
+    stops none of the others half-way."""
+    for run_dir, overrides in runs.items():
+        refuse_another_run(run_dir, overrides)
+    launcher = launcher or Launcher()
+    env = os.environ | launcher.environment()
+    with ThreadPoolExecutor(launcher.local_jobs(len(runs))) as pool:
+        waiting = [pool.submit(train_checked, run_dir, overrides, env) for run_dir, overrides in runs.items()]
+    for finished in waiting:
+        finished.result()
 
 
 def within_noise(delta: float, se: float) -> bool:
