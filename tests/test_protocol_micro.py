@@ -50,6 +50,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     second = json.loads((tmp_path / "runs" / "compare-second" / "mha" / "s0" / "summary.json").read_text())  # its own, shorter budget
     assert "Each run: 16 steps, 4,096 tokens: " in report and f"Each run: 8 steps, 2,048 tokens: {second['passes']:.1f} passes over" in report
     assert "**MEA reaches a lower validation loss than the Transformer.**" in report and "**MEA tolerates larger learning rates.**" in report
+    assert "**Not read: this spec lacks their arms.** +GroupNorm alone carries part of the gain (needs mha_gn); DFA without its norm drifts toward standard attention (needs diff, diff_nonorm); At half the KV cache, MEA's virtual heads beat grouped-query attention (needs mea_virtual)." in report
     init = report.split("## The init, checked at the target")[1].split("## ")[0]
     for arm in ("mha", "mea"):  # each checked arm under llama at its comparison LR: the run's own loss, and its config's
         run = tmp_path / "runs" / "init-check" / "llama" / arm
@@ -71,7 +72,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     (tmp_path / "trained").rename(tmp_path / "runs")
     assert "model.n_kv_heads=2" in (tmp_path / "runs" / "compare-main" / "mha_gqa" / "s0" / ".hydra" / "overrides.yaml").read_text()  # half the heads stored
     changed = re.search(r"^\| mea \| \+0\.5826 \| ([+-][\d.]+) \|$", report, re.M)  # the first report's delta beside this one's
-    assert "## What changed since the first report" in report and "LR-sweep runs: 147 steps then, 16 now; from-scratch runs: 489 steps then, 16 now" in report and "| fall over the last fifth |" in report
+    assert "## What changed since the previous report" in report and "LR-sweep runs: 147 steps then, 16 now; from-scratch runs: 489 steps then, 16 now" in report and "| fall over the last fifth |" in report
     assert changed and abs(float(changed.group(1)) - (sum(finals["mea"]) - sum(finals["mha"])) / 2) < 2e-4
     row = re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| ([\d.]+) \| ", report)
     recovery_curve = [json.loads(line) for line in (tmp_path / "runs" / "compression" / "kv2-all-recover" / "metrics.jsonl").read_text().splitlines()]

@@ -63,6 +63,11 @@ def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
 
 
+# the claims that need arms besides mha and mea, by their opening words above
+CLAIM_ARMS = {"+GroupNorm alone carries part of the gain": ("mha_gn",), "DFA without its norm drifts toward standard attention": ("diff", "diff_nonorm"),
+              "At half the KV cache, MEA's virtual heads beat grouped-query attention": ("mea_virtual", "mha_gqa")}
+
+
 def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
     out = []
     base = row_of(rows, p.baseline)
@@ -109,6 +114,8 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
                  f"{c['kv_bytes_per_token'] / control['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
         out.append("**A 50% KV cache costs little after continued pretraining.** " + "; ".join(parts) + ". "
                    f"(The control itself moved {control['val_after_recovery'] - control['val_after_conversion']:+.4f} in its {control['recover_steps']} steps.)")
+    if unread := [f"{claim} (needs {', '.join(a for a in arms if not row_of(rows, a))})" for claim, arms in CLAIM_ARMS.items() if not all(row_of(rows, a) for a in arms)]:
+        out.append("**Not read: this spec lacks their arms.** " + "; ".join(unread) + ".")
     return out
 
 
@@ -124,7 +131,7 @@ def previous_results(path: Path) -> tuple[dict[str, float], dict[str, int]]:
 
 
 def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str | None) -> list[str]:
-    lines = ["## What changed since the first report", ""]
+    lines = ["## What changed since the previous report", ""]
     if init_audit:
         lines += [init_audit, ""]
     previous = Path(p.previous_report)
