@@ -197,18 +197,18 @@ def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
 
 def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict]:
     """Each bracketed arm's runs at the target (the first seed): the law's LR, the factors run, their final
-    validation losses and their reading (extended once past an edge where the best lay there)."""
-    seed, readings = p.target.seeds[0], {}
-    for arm in bracketed(p, lrs):
-        law_lr, factors = lrs[arm]["lr"], sorted(p.lr_bracket.factors)
-        for extended in (False, True):
-            losses = [bracket_loss(p, out, arm, law_lr, factor, seed) for factor in factors]
-            bracket = lr_bracket(law_lr, factors, losses)
-            if bracket.extend is None or extended:
-                break
-            factors = sorted([*factors, bracket.next_factor])
-        readings[arm] = {"law_lr": law_lr, "factors": factors, "losses": losses, "bracket": bracket}
-    return readings
+    validation losses and their reading, extended once past an edge where the best lay there (the arms'
+    extensions side by side)."""
+    seed = p.target.seeds[0]
+    readings = {arm: bracket_reading(p, out, arm, lrs[arm]["lr"], sorted(p.lr_bracket.factors), seed) for arm in bracketed(p, lrs)}
+    extended = {arm: sorted([*r["factors"], r["bracket"].next_factor]) for arm, r in readings.items() if r["bracket"].extend is not None}
+    train_side_by_side(dict(bracket_run(p, out, arm, lrs[arm]["lr"], factor, seed) for arm, factors in extended.items() for factor in factors))
+    return readings | {arm: bracket_reading(p, out, arm, lrs[arm]["lr"], factors, seed) for arm, factors in extended.items()}
+
+
+def bracket_reading(p: Protocol, out: Path, arm: str, law_lr: float, factors: list[float], seed: int) -> dict:
+    losses = [bracket_loss(p, out, arm, law_lr, factor, seed) for factor in factors]
+    return {"law_lr": law_lr, "factors": factors, "losses": losses, "bracket": lr_bracket(law_lr, factors, losses)}
 
 
 def bracket_run(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> tuple[Path, list[str]]:
