@@ -112,3 +112,13 @@ def test_the_welch_interval_covers_the_true_difference_at_its_stated_rate():
     assert 0.7 <= resolved / 500 <= 0.9
     single = difference([3.01], [3.0])
     assert single.delta == pytest.approx(0.01) and single.interval is None and single.seeds_to_resolve is None
+
+
+def test_a_multiplier_interval_reaching_the_floor_reads_infinite_not_nan():
+    """Seed noise as large as the losses' spread puts some redrawn arms at or under the baseline's floor: an
+    infinite multiplier, whose interval must end at ∞ rather than at NaN."""
+    law = SizeLaw(E=2.0, A=40.0, alpha=0.3)
+    sizes = [1e5, 4e5, 1.6e6]
+    result = multipliers({n: [float(law(n))] for n in sizes}, {n: [float(law(1.5 * n))] for n in sizes}, noise=0.3, n_boot=200)
+    bounds = [v for interval in result.intervals for v in interval]
+    assert not any(math.isnan(v) for v in bounds) and math.inf in bounds

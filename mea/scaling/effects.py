@@ -182,7 +182,8 @@ def multipliers(base: dict[float, list[float]], arm: dict[float, list[float]], f
         except FitError:
             continue
     draws = np.asarray(draws)
-    intervals = [tuple(float(v) for v in np.percentile(draws[:, i], [2.5, 97.5])) for i in range(len(sizes))]
+    # nearest, not interpolated: a draw at or under the floor is an infinite multiplier, and inf − inf is NaN
+    intervals = [tuple(float(v) for v in np.percentile(draws[:, i], [2.5, 97.5], method="nearest")) for i in range(len(sizes))]
     finite = np.all(np.isfinite(draws), axis=1)
     slopes = np.array([np.polyfit(np.log(sizes), np.log(row), 1)[0] for row in draws[finite]]) if finite.any() else np.array([])
     lo, hi = np.percentile(slopes, [2.5, 97.5]) if len(slopes) else (-math.inf, math.inf)

@@ -217,7 +217,7 @@ def multiplier_table(readings: dict[str, Multipliers | str], target_n: float) ->
             lines.append(f"| {arm} | " + " | ".join("–" for _ in sizes) + f" | not read: {m} |")
             continue
         cell = dict(zip(m.sizes, zip(m.values, m.intervals)))
-        text = lambda v, ci: f"{v:.2f}×" + ("" if ci is None else f" ({ci[0]:.2f}–{ci[1]:.2f})")  # noqa: E731
+        text = lambda v, ci: f"{v:.2f}×" + ("" if ci is None else f" ({ci[0]:.2f}–{'∞' if math.isinf(ci[1]) else f'{ci[1]:.2f}'})")  # noqa: E731
         lines.append(f"| {arm} | " + " | ".join(text(*cell[n]) if n in cell else "–" for n in sizes) + f" | {m.trend} |")
     return lines
 
