@@ -63,9 +63,10 @@ def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
 
 
-# the claims that need arms besides mha and mea, by their opening words above
-CLAIM_ARMS = {"+GroupNorm alone carries part of the gain": ("mha_gn",), "DFA without its norm drifts toward standard attention": ("diff", "diff_nonorm"),
-              "At half the KV cache, MEA's virtual heads beat grouped-query attention": ("mea_virtual", "mha_gqa")}
+GN_CLAIM = "+GroupNorm alone carries part of the gain"
+DFA_CLAIM = "DFA without its norm drifts toward standard attention"
+HALF_CACHE_CLAIM = "At half the KV cache, MEA's virtual heads beat grouped-query attention"
+CLAIM_ARMS = {GN_CLAIM: ("mha_gn",), DFA_CLAIM: ("diff", "diff_nonorm"), HALF_CACHE_CLAIM: ("mea_virtual", "mha_gqa")}  # the claims that need arms besides mha and mea
 
 
 def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
@@ -88,13 +89,13 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
     if gn and mea and base:
         d_gn, d_mea = gn["final_val_loss"] - base["final_val_loss"], mea["final_val_loss"] - base["final_val_loss"]
         share = d_gn / d_mea if d_mea else math.nan
-        out.append(f"**+GroupNorm alone carries part of the gain.** Δ(mha_gn) = {d_gn:+.4f} against Δ(mea) = {d_mea:+.4f} (share {share:.2f}): "
+        out.append(f"**{GN_CLAIM}.** Δ(mha_gn) = {d_gn:+.4f} against Δ(mea) = {d_mea:+.4f} (share {share:.2f}): "
                    f"{'agrees' if d_mea < 0 and 0 < share < 1 else 'does not show here'} ({reading(gn, base)} for mha_gn alone).")
     diff, nonorm = row_of(rows, "diff"), row_of(rows, "diff_nonorm")
     if diff and nonorm and base:
         gap, gap_nonorm = diff["final_val_loss"] - base["final_val_loss"], nonorm["final_val_loss"] - base["final_val_loss"]
         closer = abs(gap_nonorm) - abs(gap)  # the two arms' distance apart is what the seeds must resolve
-        out.append(f"**DFA without its norm drifts toward standard attention.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
+        out.append(f"**{DFA_CLAIM}.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
                    f"{verdict(closer, standard_error(diff, nonorm))} (the loss of diff without norm is {'closer to' if closer < 0 else 'further from'} the baseline's).")
     virtual, gqa = row_of(rows, "mea_virtual"), row_of(rows, "mha_gqa")
     if virtual and gqa:
@@ -104,7 +105,7 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
             if full:
                 cost = half["final_val_loss"] - full["final_val_loss"]
                 costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if within_noise(cost, standard_error(half, full)) else 'beyond'} 2 standard errors)")
-        said = (f"**At half the KV cache, MEA's virtual heads beat grouped-query attention (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
+        said = (f"**{HALF_CACHE_CLAIM} (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
                 f"{reading(virtual, gqa)}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
         out.append(said)
     if len(compression) > 1:
