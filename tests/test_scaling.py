@@ -287,6 +287,18 @@ def test_three_runs_give_the_bracketing_lrs_as_the_interval_not_a_zero_width_one
     assert 2.15e-3 < seeds.ci[0] < seeds.lr < seeds.ci[1] < 1e-2  # replicate seeds: the bootstrap has noise to resample
 
 
+AUTOGROUPS = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+@pytest.mark.skipif(not AUTOGROUPS.is_file() or AUTOGROUPS.read_text().strip() != "1", reason="this kernel schedules no autogroups (sched_autogroup_enabled absent or 0)")
+def test_a_niced_sweep_runs_its_multiruns_at_its_own_niceness():
+    """Each multirun has a session, so an autogroup, of its own: it must not go back to nice 0."""
+    probe = "import time; time.sleep(0.5); print(open('/proc/self/autogroup').read())"  # after the sweep has set it
+    sweep = f"import sys; from mea.scaling.sweep import run_in_turn; run_in_turn([[sys.executable, '-c', {probe!r}]], {{}})"
+    proc = run_cli("-c", f"import os, subprocess, sys; os.nice(7); subprocess.run([sys.executable, '-c', {sweep!r}], check=True)")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("nice 7"), proc.stdout + proc.stderr
+
+
 def test_a_stop_signal_ends_a_local_sweep_after_its_runs_saved_and_the_same_command_resumes(tmp_path):
     """SIGTERM, or Ctrl-C (SIGINT), to mea-sweep running two runs at once: every run in progress saves a
     checkpoint, no further run or multirun starts, and running the spec again finishes it."""

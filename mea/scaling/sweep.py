@@ -273,12 +273,24 @@ def run_in_turn(commands: list[list[str]], env: dict[str, str]) -> tuple[list[in
             if stopped is not None:
                 break
             child = subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, **env})
+            keep_niceness(child.pid)
             codes.append(child.wait())
             wait_for_session(child.pid)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return codes, stopped
+
+
+def keep_niceness(session: int) -> None:
+    """Give a session we started our own nice value. Linux schedules each session as an autogroup of its own, at
+    nice 0 whatever its processes' own nice, so without this `nice mea-sweep` runs its multiruns at the priority
+    of the user's other work."""
+    if (niceness := os.nice(0)) > 0:
+        try:
+            Path(f"/proc/{session}/autogroup").write_text(str(niceness))
+        except OSError:
+            pass  # a kernel without autogroups, or not Linux: the processes' own nice value is all there is
 
 
 def wait_for_session(session: int, timeout: float = 600) -> None:
