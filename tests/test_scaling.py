@@ -294,8 +294,7 @@ AUTOGROUPS = Path("/proc/sys/kernel/sched_autogroup_enabled")
 def test_a_niced_sweep_runs_its_multiruns_at_its_own_niceness():
     """Each multirun has a session, so an autogroup, of its own: it must not go back to nice 0."""
     probe = "import time; time.sleep(0.5); print(open('/proc/self/autogroup').read())"  # after the sweep has set it
-    sweep = f"import sys; from mea.scaling.sweep import run_in_turn; run_in_turn([[sys.executable, '-c', {probe!r}]], {{}})"
-    proc = run_cli("-c", f"import os, subprocess, sys; os.nice(7); subprocess.run([sys.executable, '-c', {sweep!r}], check=True)")
+    proc = run_cli("-c", f"import os, sys; os.nice(7); from mea.scaling.sweep import run_in_turn; run_in_turn([[sys.executable, '-c', {probe!r}]], {{}})")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("nice 7"), proc.stdout + proc.stderr
 
 
