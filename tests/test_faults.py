@@ -84,16 +84,21 @@ def test_sigkill_at_random_steps_resumes_to_the_same_curve_bitwise(whole, tmp_pa
         resumed = train(run_dir)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert curve(run_dir) == curve(whole), f"killed at step {step}"
+        assert [c.name for c in RunDirectory(run_dir).checkpoints()] == ["step-0000020", "step-0000025", "step-0000030"]  # trainer.keep_checkpoints
 
 
-@pytest.mark.parametrize("stage", ["engine-files", "manifest", "rename", "prune"])
-def test_sigkill_at_each_stage_of_a_save_resumes_to_the_same_curve_bitwise(stage, whole, tmp_path):
-    killed = train(tmp_path, env={"MEA_FAILPOINT": f"{stage}@15"})
-    assert killed.returncode == -signal.SIGKILL
-    latest = RunDirectory(tmp_path).checkpoints()[-1].name
-    assert latest == ("step-0000015" if stage == "prune" else "step-0000010")  # published only once sealed and renamed
+def test_sigkill_at_each_stage_of_a_save_resumes_to_the_same_curve_bitwise(whole, tmp_path):
+    """One run killed at each stage of a save in turn (the saves of steps 10, 15, 20, 25), each start resuming from
+    what the kill before it left; then it trains to the end."""
+    resumed_from = None
+    for step, stage in ((10, "engine-files"), (15, "manifest"), (20, "rename"), (25, "prune")):
+        killed = train(tmp_path, env={"MEA_FAILPOINT": f"{stage}@{step}"})
+        assert killed.returncode == -signal.SIGKILL, (stage, killed.stderr[-3000:])
+        assert resumed_from is None or f"resuming from {tmp_path}/checkpoints/{resumed_from}" in killed.stdout, stage
+        resumed_from = RunDirectory(tmp_path).checkpoints()[-1].name
+        assert resumed_from == f"step-{step if stage == 'prune' else step - 5:07d}", stage  # published only once sealed and renamed
     resumed = train(tmp_path)
-    assert resumed.returncode == 0 and f"resuming from {tmp_path}/checkpoints/{latest}" in resumed.stdout, resumed.stderr[-3000:]
+    assert resumed.returncode == 0 and f"resuming from {tmp_path}/checkpoints/{resumed_from}" in resumed.stdout, resumed.stderr[-3000:]
     assert curve(tmp_path) == curve(whole)
 
 
