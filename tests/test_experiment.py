@@ -56,6 +56,9 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     proc = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(tmp_path / "damaged.tar.xz"))
     assert proc.returncode == 2 and "damaged.tar.xz is not a readable archive (" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.unpacking").exists()
+    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--pack", str(tmp_path / "sitting.tar.xz"))
+    assert proc.returncode == 2 and "runs holds no finished run to pack; run `mea-experiment <spec>` first" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "sitting.tar.xz").exists()
     with pytest.raises(SweepError, match="missing.tar.xz does not exist; give the runs.tar.xz beside a published report"):
         unpack(tmp_path / "missing.tar.xz", tmp_path / "runs")
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt") + "lr_checks: {mha_gqa: mha}\n")  # retired for the LR bracket

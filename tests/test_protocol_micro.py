@@ -1,10 +1,12 @@
 """The paper's protocol end to end at a micro scale (the spec of tests/test_experiment.py): every artefact of the
-report is produced and consistent with the runs, and the report is made again from its archive alone. A file of
-its own: it is the suite's longest test, and the suite runs a file per test process."""
+report is produced and consistent with the runs, the report is made again from its archive alone, and a sitting
+packed part way carries on from its archive. A file of its own: it is the suite's longest test, and the suite runs
+a file per test process."""
 import csv
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -69,7 +71,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     assert remade.returncode == 0 and "it/s" not in remade.stderr, remade.stderr[-3000:]
     assert (tmp_path / "results" / "micro.md").read_text() == report
     assert not list((tmp_path / "runs").rglob("*.safetensors"))  # no checkpoint travels in the archive
-    with pytest.raises(SweepError, match=re.escape(f"{tmp_path / 'runs'} already holds runs; make the report from them with `mea-experiment <spec>`")):
+    with pytest.raises(SweepError, match=re.escape(f"{tmp_path / 'runs'} already holds runs; carry on from them with `mea-experiment <spec>`")):
         unpack(archived, tmp_path / "runs")  # never mixed with runs already there
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "trained").rename(tmp_path / "runs")
@@ -96,3 +98,18 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     assert f"code: {code_version()} ({n_runs} runs)" in report  # every run names the commit that trained it
     recovery = next(line for line in report.splitlines() if line.startswith("python train.py") and "+experiment=recover" in line)
     assert "trainer.init_from=" in recovery and "compression/" in recovery
+    # a sitting stopped part way, carried on elsewhere: its finished runs packed, and from them only the rest trained
+    shutil.rmtree(tmp_path / "runs" / "compare-main" / "mha_gqa" / "s1")
+    sitting = tmp_path / "sitting.tar.xz"
+    packed = run_cli("-m", "mea.studies.experiment", str(spec), "--pack", str(sitting))
+    assert packed.returncode == 0 and f"wrote {sitting}" in packed.stdout, packed.stderr[-2000:]
+    summaries = {path.relative_to(tmp_path / "runs"): path.read_text() for path in (tmp_path / "runs").rglob("summary.json")}
+    shutil.rmtree(tmp_path / "runs")
+    resumed = run_cli("-m", "mea.studies.experiment", str(spec), "--resume-from", str(sitting), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    now = {path.relative_to(tmp_path / "runs"): path.read_text() for path in (tmp_path / "runs").rglob("summary.json")}
+    retrained = Path("compare-main/mha_gqa/s1/summary.json")
+    assert set(now) == set(summaries) | {retrained} and all(now[run] == summary for run, summary in summaries.items())  # the rest reused as they were
+    gqa = [json.loads(now[Path(f"compare-main/mha_gqa/s{s}/summary.json")])["final_val_loss"] for s in (0, 1)]
+    row = re.search(r"\| mha_gqa \| 2 \| ([\d.]+) ± ", (tmp_path / "results" / "micro.md").read_text())
+    assert row and abs(float(row.group(1)) - sum(gqa) / 2) < 1e-4

@@ -1,7 +1,8 @@
 """A report's raw data in one file beside it (`<report>/runs.tar.xz`): every run's resolved config, identity,
 summary, metrics and command line (no checkpoints, no W&B files), the compression readings made from the
 checkpoints, and what the report read from outside its runs (the machine it was made on, the init audit's
-finding). `mea-experiment SPEC --from-archive` writes the report again from that file alone, byte for byte.
+finding). `mea-experiment SPEC --from-archive` writes the report again from that file alone, byte for byte;
+`--pack` writes the same file of a sitting stopped part way, and `--resume-from` carries the sitting on from it.
 
 The archive is made the same way each time (sorted members, no dates or owners), so a report made again from
 the same runs commits as no change."""
@@ -49,7 +50,7 @@ def unpack(archive: Path, out: Path) -> None:
     if not archive.is_file():
         raise SweepError(f"{archive} does not exist; give the runs.tar.xz beside a published report (docs/results/<name>/runs.tar.xz)")
     if out.exists() and any(out.iterdir()):
-        raise SweepError(f"{out} already holds runs; make the report from them with `mea-experiment <spec>`, or move {out} away to make it from the archive")
+        raise SweepError(f"{out} already holds runs; carry on from them with `mea-experiment <spec>`, or move {out} away to start from the archive")
     partial = out.with_name(out.name + ".unpacking")  # renamed to out once whole: a failure leaves no half of the runs behind
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)

@@ -3,6 +3,8 @@ each arm's predicted LR with several seeds, KV-cache compression with recovery, 
 
     mea-experiment sweeps/paper_small.yaml      # run it (again: every finished step is skipped)
     mea-experiment sweeps/paper_small.yaml --from-archive docs/results/paper_small/runs.tar.xz   # the report again, training nothing
+    mea-experiment sweeps/paper_small.yaml --pack sitting.tar.xz          # a sitting stopped part way, its finished runs in one file
+    mea-experiment sweeps/paper_small.yaml --resume-from sitting.tar.xz   # ... carried on from them on another machine
 
 Every number of the report comes from the runs this command makes; the report is written to `report`, its runs'
 configs, summaries and metrics to `runs.tar.xz` in the folder beside it (mea.studies.archive).
@@ -358,14 +360,17 @@ def check(p: Protocol) -> None:
         raise SweepError(f"compression.kv_heads={list(c.kv_heads)}: each must be from 1 to {cfg.model.n_heads - 1}, below the target's {cfg.model.n_heads} heads")
 
 
-def run(p: Protocol, archive: Path | None = None) -> Path:
-    """The protocol, resumed where it stopped; from an archive, the report made again from its runs alone."""
+def run(p: Protocol, archive: Path | None = None, resume_from: Path | None = None) -> Path:
+    """The protocol, resumed where it stopped (from an archive's finished runs, if given one); from an archive, the
+    report made again from its runs alone."""
     started = time.perf_counter()
     out = Path(p.out)
     check(p)
     if archive is not None:
         unpack(archive, out)
         protocol.ARCHIVE = archive
+    if resume_from is not None:
+        unpack(resume_from, out)
     results = run_sweep(p.sweep, collect_only=archive is not None)
     stability = stability_probe(p, out, collect_only=archive is not None)
 
@@ -400,6 +405,15 @@ def run(p: Protocol, archive: Path | None = None) -> Path:
     return report
 
 
+def pack_sitting(p: Protocol, archive: Path) -> Path:
+    """The finished runs of a sitting stopped part way, for --resume-from on another machine (a run stopped mid-way
+    is left out: its checkpoint does not travel, so it starts again there)."""
+    check(p)
+    if not any(Path(p.out).rglob("summary.json")):
+        raise SweepError(f"{p.out} holds no finished run to pack; run `mea-experiment <spec>` first")
+    return pack(Path(p.out), archive)
+
+
 def made_now(p: Protocol, wall_s: float) -> dict:
     """Where and when this sitting made the report, and what it read from outside its runs."""
     return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -409,10 +423,14 @@ def made_now(p: Protocol, wall_s: float) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mea-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
-    parser.add_argument("--from-archive", type=Path, metavar="RUNS_TAR_XZ", help="make the report again from a published report's runs.tar.xz alone, training nothing")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--from-archive", type=Path, metavar="RUNS_TAR_XZ", help="make the report again from a published report's runs.tar.xz alone, training nothing")
+    source.add_argument("--pack", type=Path, metavar="RUNS_TAR_XZ", help="write the sitting's finished runs so far to one file, training nothing (to carry on elsewhere with --resume-from)")
+    source.add_argument("--resume-from", type=Path, metavar="RUNS_TAR_XZ", help="start from an archive's finished runs (--pack's, or a report's) in an empty run folder, and train what the spec still lacks")
     args = parser.parse_args(argv)
     try:
-        path = run(load_protocol(args.spec), args.from_archive)
+        protocol_spec = load_protocol(args.spec)
+        path = pack_sitting(protocol_spec, args.pack) if args.pack else run(protocol_spec, args.from_archive, args.resume_from)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
