@@ -15,7 +15,7 @@ from mea.tools.compare import best_runs
 from mea.studies.report import largest_size_runs
 from mea.run_directory import RunDirectory
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
-from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
+from mea.scaling.sweep import Launcher, at_largest_size, best_by_arm, load_spec, read_results, run_sweep, trained
 
 from .conftest import run_cli, started
 
@@ -294,13 +294,26 @@ AUTOGROUPS = Path("/proc/sys/kernel/sched_autogroup_enabled")
 def test_a_niced_sweep_runs_its_multiruns_at_its_own_niceness():
     """Each multirun has a session, so an autogroup, of its own: it must not go back to nice 0."""
     probe = "import time; time.sleep(0.5); print(open('/proc/self/autogroup').read())"  # after the sweep has set it
-    proc = run_cli("-c", f"import os, sys; os.nice(7); from mea.scaling.sweep import run_in_turn; run_in_turn([[sys.executable, '-c', {probe!r}]], {{}})")
+    proc = run_cli("-c", f"import os, sys; os.nice(7); from mea.scaling.sweep import run_side_by_side; run_side_by_side([[sys.executable, '-c', {probe!r}]], {{}})")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("nice 7"), proc.stdout + proc.stderr
 
 
+def test_a_local_sweep_shares_its_jobs_between_multiruns_side_by_side(tmp_path, capsys):
+    """--jobs 2 over two multiruns of 3 runs: both at once, a run at a time each (3 runs 2 at a time, in turn, leave
+    a core idle a third of the time); one size alone takes both jobs. Under SLURM up to 8 job arrays queue at once."""
+    spec = tmp_path / "mini.yaml"
+    spec.write_text(MINI.replace("OUT", str(tmp_path / "out")))
+    run_sweep(load_spec(spec), Launcher(jobs=2), dry_run=True)
+    run_sweep(load_spec(spec), Launcher(jobs=2), dry_run=True, only_sizes=["w32"])
+    commands = capsys.readouterr().out.splitlines()
+    assert [command.split("hydra.launcher.n_jobs=")[1].split()[0] for command in commands] == ["1", "1", "2"]
+    assert Launcher(slurm=True).side_by_side(24, 5) == 8 and Launcher(slurm=True, jobs=30).side_by_side(24, 5) == 24
+
+
 def test_a_stop_signal_ends_a_local_sweep_after_its_runs_saved_and_the_same_command_resumes(tmp_path):
-    """SIGTERM, or Ctrl-C (SIGINT), to mea-sweep running two runs at once: every run in progress saves a
-    checkpoint, no further run or multirun starts, and running the spec again finishes it."""
+    """SIGTERM, or Ctrl-C (SIGINT), to mea-sweep running two runs at once (its two multiruns side by side, a run
+    at a time each): every run in progress saves a checkpoint, no further run starts, and running the spec again
+    finishes it."""
     spec = tmp_path / "mini.yaml"
     spec.write_text(MINI.replace("OUT", str(tmp_path / "out")).replace("tokens: 6144", "tokens: 20480"))  # 80 steps a run
     runs = [tmp_path / "out" / size / "mea" / f"lr{lr}-s0" for size in ("w32", "w64") for lr in (0.001, 0.01, 0.1)]
@@ -313,7 +326,7 @@ def test_a_stop_signal_ends_a_local_sweep_after_its_runs_saved_and_the_same_comm
         before = logged()
         with started([sys.executable, "sweeps/lr_sweep.py", str(spec), "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
             deadline = time.time() + 300
-            while not any(count > before.get(run, 0) for run, count in logged().items()):
+            while not all(logged().get(run, 0) > before.get(run, 0) for run in (runs[0], runs[3])):  # w32's first run and w64's at once
                 assert proc.poll() is None and time.time() < deadline, proc.communicate()
                 time.sleep(0.05)
             proc.send_signal(sig)
@@ -321,8 +334,8 @@ def test_a_stop_signal_ends_a_local_sweep_after_its_runs_saved_and_the_same_comm
         assert proc.returncode == 128 + sig, err[-3000:]
         assert f"stopped by {sig.name} after the run in progress saved" in err
         in_progress = [run for run in logged() if not (run / "summary.json").exists()]
-        assert in_progress and all(RunDirectory(run).checkpoints() for run in in_progress), in_progress  # each saved
-        assert not any(run in logged() for run in runs[3:])  # the next multirun (w64) never started
+        assert set(in_progress) == {runs[0], runs[3]} and all(RunDirectory(run).checkpoints() for run in in_progress), in_progress  # each saved
+        assert not any(run in logged() for run in (*runs[1:3], *runs[4:]))  # neither multirun went on to its next run
     again = run_cli("sweeps/lr_sweep.py", str(spec), timeout=900)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
     assert sum(1 for _ in open(tmp_path / "out" / "results.csv")) == 7

@@ -39,6 +39,7 @@ from mea.config import ConfigError, compose_config, load_config
 from mea.run_directory import RunDirectory, describe, identity_of
 from mea.train.loop import resolve
 
+SLURM_MULTIRUNS = 8  # job arrays in the queue at once under --slurm, unless --jobs says otherwise
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
            "final_train_loss", "final_val_loss", "diverged", "wall_time_s", "run_dir"]
@@ -125,7 +126,7 @@ RUN_FOLDER = "{arm}/lr{lr}-s{seed}"  # under the size's folder: Hydra's sweep su
 class Launcher:
     """Where a sweep's runs go: SLURM job arrays, or this machine, `jobs` runs at once of `threads` threads each
     (by default one thread a run and a run per core: small runs side by side make more steps per second in all
-    than one run on every core)."""
+    than one run on every core). Under SLURM `jobs` is how many multiruns (job arrays) are in the queue at once."""
 
     slurm: bool = False
     jobs: int | None = None
@@ -136,16 +137,25 @@ class Launcher:
         jobs = self.jobs or int(os.environ.get("MEA_SWEEP_JOBS", 0)) or len(os.sched_getaffinity(0)) // self.threads
         return max(1, min(runs, jobs))
 
-    def hydra_overrides(self, runs: int) -> list[str]:
-        chosen = ["hydra/launcher=slurm"] if self.slurm else ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={self.local_jobs(runs)}"]
+    def side_by_side(self, multiruns: int, runs: int) -> int:
+        """How many multiruns go at once. Under SLURM several, since each only waits on its array (each waiting
+        process holds ~0.4 GB on the login node, hence a cap). Locally as many as there are runs at once, each
+        training its runs in turn: then no core waits while a multirun trains its last run alone (5 runs at 2 at a
+        time leave a core idle a third of the time)."""
+        at_once = (self.jobs or SLURM_MULTIRUNS) if self.slurm else self.local_jobs(multiruns * runs)
+        return max(1, min(multiruns, at_once))
+
+    def hydra_overrides(self, runs: int, side_by_side: int = 1) -> list[str]:
+        jobs = max(1, self.local_jobs(runs * side_by_side) // side_by_side)
+        chosen = ["hydra/launcher=slurm"] if self.slurm else ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={min(runs, jobs)}"]
         return [*chosen, *self.overrides]
 
     def environment(self) -> dict[str, str]:
         return {} if self.slurm else {"OMP_NUM_THREADS": str(self.threads)}
 
 
-def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, launcher: Launcher) -> list[str]:
-    """One Hydra multirun per size and arm: LRs × seeds."""
+def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, launcher: Launcher, side_by_side: int = 1) -> list[str]:
+    """One Hydra multirun per size and arm: LRs × seeds (side_by_side of them at once)."""
     return [
         sys.executable, str(ROOT / "train.py"), "--multirun",
         f"optim.lr={','.join(map(str, lr_grid(spec)))}",
@@ -153,8 +163,12 @@ def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[st
         *shared,
         f"hydra.sweep.dir={out / size.label}",
         f"hydra.sweep.subdir={RUN_FOLDER.format(arm=arm, lr='${optim.lr}', seed='${trainer.seed}')}",
-        *launcher.hydra_overrides(len(lr_grid(spec)) * len(spec.seeds)),
+        *launcher.hydra_overrides(runs_per_multirun(spec), side_by_side),
     ]
+
+
+def runs_per_multirun(spec: SweepSpec) -> int:
+    return len(lr_grid(spec)) * len(spec.seeds)
 
 
 def planned_identity(overrides: list[str]) -> dict:
@@ -254,28 +268,39 @@ class SweepStopped(SweepError):
         self.signum = signum
 
 
-def run_in_turn(commands: list[list[str]], env: dict[str, str]) -> tuple[list[int], int | None]:
-    """Each command's exit code, one after another, and the stop signal if one came. Each multirun runs in a
-    session of its own, so that a stop (SIGTERM, or Ctrl-C at the terminal) reaches each of its processes (its
-    runs, whichever launcher started them) once, as SIGTERM: they save a checkpoint, and no further command
-    starts. The stop returns only once every process of the session has ended."""
-    codes, stopped, child = [], None, None
+def run_side_by_side(commands: list[list[str]], env: dict[str, str], at_once: int = 1) -> tuple[list[int | None], int | None]:
+    """Each command's exit code (None where it never started), at_once of them running at a time, and the stop
+    signal if one came. Each multirun runs in a session of its own, so that a stop (SIGTERM, or Ctrl-C at the
+    terminal) reaches each of its processes (its runs, whichever launcher started them) once, as SIGTERM: they save
+    a checkpoint, and no further command starts. The stop returns only once every process of those sessions has
+    ended."""
+    codes: list[int | None] = [None] * len(commands)
+    running: dict[int, subprocess.Popen] = {}
+    stopped = None
 
     def stop(signum, frame):
         nonlocal stopped
         stopped = signum
-        if child is not None and child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
+        for child in list(running.values()):
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        for command in commands:
-            if stopped is not None:
-                break
-            child = subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, **env})
-            keep_niceness(child.pid)
-            codes.append(child.wait())
-            wait_for_session(child.pid)
+        waiting = list(enumerate(commands))
+        while running or (waiting and stopped is None):
+            while waiting and stopped is None and len(running) < at_once:
+                i, command = waiting.pop(0)
+                running[i] = subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, **env})
+                keep_niceness(running[i].pid)
+                if stopped is not None:  # the stop came while it started
+                    os.killpg(running[i].pid, signal.SIGTERM)
+            for i, child in list(running.items()):
+                if child.poll() is not None:
+                    codes[i] = child.returncode
+                    wait_for_session(child.pid)
+                    del running[i]
+            time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -317,9 +342,10 @@ def run_sweep(spec: SweepSpec, launcher: Launcher | None = None, collect_only: b
     jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
     plans = {(size.label, arm): planned_runs(spec, size, arm, shared, out) for size, arm, shared in jobs}
     jobs = [job for job in jobs if not only_sizes or job[0].label in only_sizes]
+    side_by_side = launcher.side_by_side(len(jobs), runs_per_multirun(spec))
     if dry_run:
         for size, arm, shared in jobs:
-            print(" ".join(multirun_command(spec, size, arm, shared, out, launcher)))
+            print(" ".join(multirun_command(spec, size, arm, shared, out, launcher, side_by_side)))
         return None
     every_run = {run: identity for runs in plans.values() for run, identity in runs.items()}
     refuse_foreign_runs(every_run, out)
@@ -330,9 +356,11 @@ def run_sweep(spec: SweepSpec, launcher: Launcher | None = None, collect_only: b
             if all(run.holds(identity) for run, identity in plans[size.label, arm].items()):
                 print(f"{size.label}/{arm}: every run is already done")
             else:
-                to_run.append((f"{size.label}/{arm}", multirun_command(spec, size, arm, shared, out, launcher)))
-        codes, stopped = run_in_turn([command for _, command in to_run], launcher.environment())
-        failed = [name for (name, _), code in zip(to_run, codes) if code != 0]
+                to_run.append((size, arm, shared))
+        side_by_side = launcher.side_by_side(len(to_run), runs_per_multirun(spec))
+        commands = [multirun_command(spec, size, arm, shared, out, launcher, side_by_side) for size, arm, shared in to_run]
+        codes, stopped = run_side_by_side(commands, launcher.environment(), side_by_side)
+        failed = [f"{size.label}/{arm}" for (size, arm, _), code in zip(to_run, codes) if code not in (0, None)]
     results = collect(out, every_run)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
     if stopped is not None:
@@ -348,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mea-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
     parser.add_argument("--slurm", action="store_true", help="fan each size out as SLURM job arrays")
-    parser.add_argument("--jobs", type=int, help="locally: runs at once (default: $MEA_SWEEP_JOBS, else the cores over --threads)")
+    parser.add_argument("--jobs", type=int, help="locally: runs at once (default: $MEA_SWEEP_JOBS, else the cores over --threads); under --slurm: job arrays in the queue at once (default 8)")
     parser.add_argument("--threads", type=int, default=1, help="locally: threads of each run (default 1)")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the multirun commands")
