@@ -139,7 +139,7 @@ class Launcher:
 
     def side_by_side(self, multiruns: int, runs: int) -> int:
         """How many multiruns go at once. Under SLURM several, since each only waits on its array (each waiting
-        process holds ~0.4 GB on the login node, hence a cap). Locally as many as there are runs at once, each
+        process holds ~0.25 GB on the login node, hence a cap). Locally as many as there are runs at once, each
         training its runs in turn: then no core waits while a multirun trains its last run alone (5 runs at 2 at a
         time leave a core idle a third of the time)."""
         at_once = (self.jobs or SLURM_MULTIRUNS) if self.slurm else self.local_jobs(multiruns * runs)
