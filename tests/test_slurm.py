@@ -171,18 +171,28 @@ ARRAY = ("hydra.launcher.partition=cpu", "hydra.launcher.gpus_per_node=0", "hydr
 
 
 def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(cluster, tmp_path):
-    """submitit's warning (USR2) to one array task: the trainer saves, submitit requeues the task, and it resumes
-    from that checkpoint; results.csv and mea-fit follow."""
+    """Both sizes' arrays queued at once; submitit's warning (USR2) to one array task: the trainer saves, submitit
+    requeues the task, and it resumes from that checkpoint; results.csv and mea-fit follow."""
     spec = tmp_path / "arrays.yaml"
     spec.write_text(SWEEP.replace("OUT", str(tmp_path / "out")))
     with started([str(BIN / "mea-sweep"), str(spec), "--slurm", "--", *ARRAY], env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sweep:
         lease = wait_for(lambda: next((p for p in (tmp_path / "out").glob("w32/mea/*/lease.json") if steps_past(p.parent, 0)), None), "a task training", cluster, [])
         run = lease.parent
         task = json.loads(lease.read_text())["slurm_job"]
-        slurm(cluster, "scancel", "--signal=USR2", task)
+        out = tmp_path / "out"  # both sizes' arrays are in the queue at once, not w64's only once w32's has ended
+        wait_for(lambda: any(out.glob("w64/.submitit/*/*_submitted.pkl")) or any(out.glob("w32/mea/*/summary.json")), "w64's array", cluster, [])
+        assert any(out.glob("w64/.submitit/*/*_submitted.pkl")) and not any(out.glob("w32/mea/*/summary.json"))
+        # slurmctld can deliver the signal yet answer "Job can not be altered now" (seen with a second array queued),
+        # and scancel then retries every 5+ s, which would signal the requeued task again: it stops once the task has it
+        signalling = subprocess.Popen(["scancel", "--signal=USR2", task], env=cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: any("Caught signal SIGUSR2" in p.read_text() for p in out.glob("w32/.submitit/*/*_log.out")),
+                     "the task to have USR2", cluster, [task], timeout=120)
+        finally:
+            signalling.kill()
         wait_for(lambda: sweep.poll() is not None, "the sweep", cluster, [task], timeout=600)
-        out = sweep.stdout.read()
-    assert sweep.returncode == 0, out[-3000:]
+        printed = sweep.stdout.read()
+    assert sweep.returncode == 0, printed[-3000:]
     (task_log,) = [text for p in (tmp_path / "out" / "w32" / ".submitit").glob("*/*_log.out") if f"run directory: {run}\n" in (text := p.read_text())]
     for said in ("stop signal: saved", "Requeued job", f"resuming from {run}/checkpoints/step-"):  # the trainer saved, submitit requeued
         assert said in task_log, task_log[-3000:]
