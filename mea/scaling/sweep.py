@@ -342,8 +342,8 @@ def run_sweep(spec: SweepSpec, launcher: Launcher | None = None, collect_only: b
     jobs = [(size, arm, shared_overrides(spec, size, arm, overrides)) for size in spec.sizes for arm, overrides in spec.arm_overrides().items()]
     plans = {(size.label, arm): planned_runs(spec, size, arm, shared, out) for size, arm, shared in jobs}
     jobs = [job for job in jobs if not only_sizes or job[0].label in only_sizes]
-    side_by_side = launcher.side_by_side(len(jobs), runs_per_multirun(spec))
     if dry_run:
+        side_by_side = launcher.side_by_side(len(jobs), runs_per_multirun(spec))
         for size, arm, shared in jobs:
             print(" ".join(multirun_command(spec, size, arm, shared, out, launcher, side_by_side)))
         return None
