@@ -179,9 +179,7 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
         lease = wait_for(lambda: next((p for p in (tmp_path / "out").glob("w32/mea/*/lease.json") if steps_past(p.parent, 0)), None), "a task training", cluster, [])
         run = lease.parent
         task = json.loads(lease.read_text())["slurm_job"]
-        out = tmp_path / "out"  # both sizes' arrays are in the queue at once, not w64's only once w32's has ended
-        wait_for(lambda: any(out.glob("w64/.submitit/*/*_submitted.pkl")) or any(out.glob("w32/mea/*/summary.json")), "w64's array", cluster, [])
-        assert any(out.glob("w64/.submitit/*/*_submitted.pkl")) and not any(out.glob("w32/mea/*/summary.json"))
+        out = tmp_path / "out"
         # slurmctld can deliver the signal yet answer "Job can not be altered now" (seen with a second array queued),
         # and scancel then retries every 5+ s, which would signal the requeued task again: it stops once the task has it
         signalling = subprocess.Popen(["scancel", "--signal=USR2", task], env=cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -190,6 +188,9 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
                      "the task to have USR2", cluster, [task], timeout=120)
         finally:
             signalling.kill()
+        # both sizes' arrays are in the queue at once: w64's is there while w32's requeued task is still to finish
+        wait_for(lambda: any(out.glob("w64/.submitit/*/*_submitted.pkl")) or (run / "summary.json").exists(), "w64's array", cluster, [task])
+        assert any(out.glob("w64/.submitit/*/*_submitted.pkl")) and not (run / "summary.json").exists()
         wait_for(lambda: sweep.poll() is not None, "the sweep", cluster, [task], timeout=600)
         printed = sweep.stdout.read()
     assert sweep.returncode == 0, printed[-3000:]
