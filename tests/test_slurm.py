@@ -174,12 +174,12 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
     """Both sizes' arrays queued at once; submitit's warning (USR2) to one array task: the trainer saves, submitit
     requeues the task, and it resumes from that checkpoint; results.csv and mea-fit follow."""
     spec = tmp_path / "arrays.yaml"
-    spec.write_text(SWEEP.replace("OUT", str(tmp_path / "out")))
+    out = tmp_path / "out"
+    spec.write_text(SWEEP.replace("OUT", str(out)))
     with started([str(BIN / "mea-sweep"), str(spec), "--slurm", "--", *ARRAY], env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sweep:
-        lease = wait_for(lambda: next((p for p in (tmp_path / "out").glob("w32/mea/*/lease.json") if steps_past(p.parent, 0)), None), "a task training", cluster, [])
+        lease = wait_for(lambda: next((p for p in out.glob("w32/mea/*/lease.json") if steps_past(p.parent, 0)), None), "a task training", cluster, [])
         run = lease.parent
         task = json.loads(lease.read_text())["slurm_job"]
-        out = tmp_path / "out"
         # slurmctld can deliver the signal yet answer "Job can not be altered now" (seen with a second array queued),
         # and scancel then retries every 5+ s, which would signal the requeued task again: it stops once the task has it
         signalling = subprocess.Popen(["scancel", "--signal=USR2", task], env=cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -194,12 +194,12 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
         wait_for(lambda: sweep.poll() is not None, "the sweep", cluster, [task], timeout=600)
         printed = sweep.stdout.read()
     assert sweep.returncode == 0, printed[-3000:]
-    (task_log,) = [text for p in (tmp_path / "out" / "w32" / ".submitit").glob("*/*_log.out") if f"run directory: {run}\n" in (text := p.read_text())]
+    (task_log,) = [text for p in out.glob("w32/.submitit/*/*_log.out") if f"run directory: {run}\n" in (text := p.read_text())]
     for said in ("stop signal: saved", "Requeued job", f"resuming from {run}/checkpoints/step-"):  # the trainer saved, submitit requeued
         assert said in task_log, task_log[-3000:]
     steps = [r["step"] for r in rows(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 300
-    results = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    results = (out / "results.csv").read_text().splitlines()
     assert len(results) == 7
-    fit = run_cli("sweeps/fit.py", "lr-law", str(tmp_path / "out" / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
+    fit = run_cli("sweeps/fit.py", "lr-law", str(out / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
     assert fit.returncode == 0 and (tmp_path / "fit" / "fit.json").is_file(), fit.stderr[-2000:]
