@@ -58,6 +58,11 @@ class Run:
         return self.summary.get("data", "")
 
 
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per logged step."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def read_run(path: Path) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -65,7 +70,7 @@ def read_run(path: Path) -> Run:
     missing = [name for name in ("config.yaml", "metrics.jsonl", "summary.json") if not (path / name).is_file()]
     if missing:
         raise RunError(f"{path} lacks {', '.join(missing)}: not a finished run; finish it (the same train.py command resumes it) or leave it out")
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = metrics_rows(path)
     if not rows:
         raise RunError(f"{path}/metrics.jsonl is empty; the run logged no step")
     return Run(path, load_config(path / "config.yaml"), json.loads((path / "summary.json").read_text()), rows)

@@ -164,6 +164,28 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
             "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors).") in said[3]
 
 
+def test_the_early_phase_table_tells_a_run_stuck_early_from_one_that_fell_behind_later(tmp_path):
+    """Given curves: mha's failed run is slow out of the early phase, mea's leaves it as soon as its good runs and
+    falls behind later; the table reads each run's own metrics, and an arm with no failure adds no reading."""
+    from mea.studies.report import early_phase_table
+
+    def run(arm, lr, losses, final):
+        run_dir = tmp_path / arm / str(lr)
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": 25 * (i + 1), "loss": x}) + "\n" for i, x in enumerate(losses)))
+        return {"final_train_loss": str(final), "final_val_loss": str(final + 0.4), "diverged": "False", "run_dir": str(run_dir)}
+
+    grid = {"mha": {1e-3: run("mha", 1e-3, [7.0, 5.5, 4.5, 3.2], 3.2), 1e-2: run("mha", 1e-2, [7.0, 6.5, 6.2, 5.0, 4.4], 4.4)},
+            "mea": {1e-3: run("mea", 1e-3, [7.0, 5.4, 4.2, 3.0], 3.0), 1e-2: run("mea", 1e-2, [7.0, 5.0, 4.8, 4.7, 4.6], 4.6)},
+            "tha": {1e-3: run("tha", 1e-3, [7.0, 6.0, 4.0, 3.1], 3.1), 1e-2: run("tha", 1e-2, [7.0, 7.5, 7.2, 7.1], 7.1)}}
+    lines = early_phase_table(grid)  # the middle: (7.0 + 3.0) / 2 = 5.0
+    assert lines[0].startswith("Step at which the training loss first falls under 5.00, half-way from the first logged loss (7.00") and "logged every 25 steps" in lines[0]
+    assert "| mha | 75 | 100 ✗ |" in lines and "| mea | 75 | 50 ✗ |" in lines and "| tha | 75 | never ✗ |" in lines
+    assert lines[-1].startswith("Where each arm fails and where it trains: mha: step 100 where it fails, step 75 where it trains; "
+                                "mea: step 50 where it fails, step 75 where it trains; tha: never where it fails, step 75 where it trains. ")
+    assert early_phase_table({"mha": {1e-3: grid["mha"][1e-3]}}) == []  # nothing failed: no table
+
+
 def row(variant, loss, std=0.01, seeds=3, base=3.70):
     return {"variant": variant, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds, "final_val_losses": [loss - std, loss, loss + std][:seeds],
             "delta_vs_baseline": loss - base}

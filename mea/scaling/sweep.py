@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mea.config import ConfigError, compose_config, load_config
 from mea.run_directory import RunDirectory, describe, identity_of
+from mea.runs import metrics_rows
 from mea.train.loop import resolve
 
 SLURM_MULTIRUNS = 8  # job arrays in the queue at once under --slurm, unless --jobs says otherwise
@@ -199,8 +200,7 @@ def refuse_foreign_runs(plans: dict[RunDirectory, dict], out: Path) -> None:
 
 def smoothed_final_loss(run_dir: Path, share: float = 0.1) -> float:
     """Mean training loss over the last `share` of the logged rows (at least one): less noisy than the last row."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    losses = [r["loss"] for r in rows]
+    losses = [r["loss"] for r in metrics_rows(run_dir)]
     tail = losses[-max(1, round(len(losses) * share)) :]
     return float(np.mean(tail)) if tail else math.nan
 
@@ -209,7 +209,7 @@ def result_row(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = load_config(run_dir / "config.yaml")
     loss = smoothed_final_loss(run_dir)
-    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    first = metrics_rows(run_dir)[0]["loss"]
     diverged = bool(summary.get("diverged")) or not math.isfinite(loss) or loss > first  # no better than at the start
     return {
         "variant": cfg.label, "size": cfg.model.name, "params": summary["params"], "non_embedding_params": summary["non_embedding_params"],

@@ -11,9 +11,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 
 from mea.plotting import plt, save_figure
-from mea.runs import made_with
+from mea.runs import made_with, metrics_rows
 from mea.scaling.sweep import at_largest_size, read_results
 from mea.scaling.effects import Multipliers, difference
 from mea.studies.protocol import reading, standard_error, verdict, within_noise
@@ -61,6 +62,48 @@ def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
         limit = stable_up_to(runs)
         lines.append(f"| {arm} | " + " | ".join(stability_cell(runs, lr, limit) for lr in lrs) + " |")
     return lines + ["", f"✗: fails to train — at or above the first LR whose loss ends more than {TRAINS_WITHIN:.0%} over the arm's best here."]
+
+
+def first_step_under(rows: list[dict], loss: float) -> int | None:
+    """The first logged step whose training loss is at or under `loss` (None: none is)."""
+    return next((r["step"] for r in rows if r["loss"] <= loss), None)
+
+
+def early_phase_table(grid: dict[str, dict[float, dict]]) -> list[str]:
+    """How the runs that fail to train fail: the step at which each run's training loss first falls under the middle
+    of the grid's fall (from the mean first logged loss to the best final one), one threshold for the whole grid so
+    that the arms' steps compare. A failed run that gets there later than its arm's runs that train lost its steps in
+    the early phase; one that gets there as soon fell behind afterwards. Nothing failed to explain: no table."""
+    curves = {arm: {lr: metrics_rows(Path(r["run_dir"])) for lr, r in runs.items()} for arm, runs in grid.items()}
+    first = float(np.mean([x for runs in curves.values() for rows in runs.values() if math.isfinite(x := rows[0]["loss"])]))
+    best = min(float(r["final_train_loss"]) for runs in grid.values() for r in runs.values() if r["diverged"] != "True")
+    middle = (first + best) / 2
+    some = next(rows for runs in curves.values() for rows in runs.values() if len(rows) > 1)
+    lrs = sorted({lr for runs in grid.values() for lr in runs})
+    lines = [f"Step at which the training loss first falls under {middle:.2f}, half-way from the first logged loss ({first:.2f}, mean over these runs) "
+             f"to the best final one ({best:.3f}), logged every {some[1]['step'] - some[0]['step']} steps: how a run that fails to train fails.", "",
+             "| arm | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    readings = []
+    for arm, runs in grid.items():
+        limit = stable_up_to(runs)
+        steps = {lr: first_step_under(curves[arm][lr], middle) for lr in runs}
+        lines.append(f"| {arm} | " + " | ".join("–" if lr not in steps else ("never" if steps[lr] is None else str(steps[lr])) + ("" if lr <= limit else " ✗") for lr in lrs) + " |")
+        trains = [step for lr, step in steps.items() if lr <= limit and step is not None]
+        fails = [step for lr, step in steps.items() if lr > limit]
+        if fails and trains:
+            readings.append(f"{arm}: {steps_range(fails)} where it fails, {steps_range(trains)} where it trains")
+    return lines + ["", "Where each arm fails and where it trains: " + "; ".join(readings) + ". A failed run that gets there later than the arm's runs "
+                        "that train lost its steps in the early phase; one that gets there as soon fell behind afterwards."] if readings else []
+
+
+def steps_range(steps: list[int | None]) -> str:
+    """'step 100', 'steps 225–625 (never in 1)', 'never': the steps of early_phase_table's runs, None for never."""
+    reached = sorted(s for s in steps if s is not None)
+    never = len(steps) - len(reached)
+    if not reached:
+        return "never"
+    span = f"step {reached[0]}" if reached[0] == reached[-1] else f"steps {reached[0]}–{reached[-1]}"
+    return span + (f" (never in {never})" if never else "")
 
 
 GN_CLAIM = "+GroupNorm alone carries part of the gain"
@@ -203,8 +246,7 @@ def recovery_plot(out: Path, compression_dir: Path, compression: list[dict]) -> 
     """Validation loss through continued pretraining, from right after conversion (tokens 0) on."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in compression:
-        rows = [json.loads(line) for line in (compression_dir / c["run"] / "metrics.jsonl").read_text().splitlines()]
-        val = [(0, c["val_after_conversion"])] + [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
+        val = [(0, c["val_after_conversion"])] + [(r["tokens"], r["val_loss"]) for r in metrics_rows(compression_dir / c["run"]) if "val_loss" in r]
         ax.plot(*zip(*val), "o-", label=c["setting"])
     ax.set(xlabel="tokens of continued pretraining", ylabel="validation loss", title="Recovery after conversion to G stored heads")
     ax.legend(fontsize=7)
@@ -328,7 +370,7 @@ def write_report(p, f: Findings, made: dict, path: Path) -> Path:
         lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["cells"]) + " |")
     lines += ["", f"![LR curves]({rel('lr_curves.png')})", "", f"![LR law]({rel('lr_law.png')})", "",
               f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if f.stability else ''}:", ""]
-    lines += stability_table(grid) + [""] + law_checks(p, f) + trust
+    lines += stability_table(grid) + [""] + (early_phase + [""] if (early_phase := early_phase_table(grid)) else []) + law_checks(p, f) + trust
     lines += ["## From-scratch comparison", "",
               f"Validation loss at equal tokens, each arm at {'its own law' if p.lr_bracket.train_at == 'law' else 'its verified'}'s LR. Tokens/s are the runs' own, on whatever else "
               "the machine was doing; speed ratios measured side by side are in BENCHMARKS.md.", ""]
