@@ -221,8 +221,13 @@ def bracket_run(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, 
     return run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=p.name if at_law else f"{p.name}-lr-bracket")
 
 
+def checked_arms(listed: list[str], lrs: dict[str, dict], on: bool) -> list[str]:
+    """The arms a check at the target covers: those its spec lists, else every arm; none where it is off."""
+    return (listed or list(lrs)) if on else []
+
+
 def bracketed(p: Protocol, lrs: dict[str, dict]) -> list[str]:
-    return (p.lr_bracket.arms or list(lrs)) if p.lr_bracket.factors else []
+    return checked_arms(p.lr_bracket.arms, lrs, bool(p.lr_bracket.factors))
 
 
 def first_bracket_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[Path, list[str]]:
@@ -240,7 +245,7 @@ def init_check_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[tuple[
     """(arm, init setting) -> the directory and overrides of its one run at the target, at the arm's chosen LR."""
     seed = p.target.seeds[0]
     return {(arm, name): (out / "init-check" / name / arm, [*target_overrides(p, arm, lrs[arm]["lr"], seed, [], p.target.tokens, group=f"{p.name}-init-check"), *overrides])
-            for arm in ((p.init_checks.arms or list(lrs)) if p.init_checks.settings else []) for name, overrides in p.init_checks.settings.items()}
+            for arm in checked_arms(p.init_checks.arms, lrs, bool(p.init_checks.settings)) for name, overrides in p.init_checks.settings.items()}
 
 
 def init_checks(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict[str, float]]:
