@@ -55,9 +55,14 @@ def stability_cell(runs: dict[float, dict], lr: float, limit: float) -> str:
     return f"{float(runs[lr]['final_val_loss']):.3f}" + ("" if lr <= limit else " ✗")
 
 
+def lr_columns(lrs: list[float]) -> list[str]:
+    """The header of a table with a column per LR."""
+    return ["| arm | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+
+
 def stability_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     lrs = sorted({lr for runs in grid.values() for lr in runs})
-    lines = ["| arm | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    lines = lr_columns(lrs)
     for arm, runs in grid.items():
         limit = stable_up_to(runs)
         lines.append(f"| {arm} | " + " | ".join(stability_cell(runs, lr, limit) for lr in lrs) + " |")
@@ -81,8 +86,7 @@ def early_phase_table(grid: dict[str, dict[float, dict]]) -> list[str]:
     some = next(rows for runs in curves.values() for rows in runs.values() if len(rows) > 1)
     lrs = sorted({lr for runs in grid.values() for lr in runs})
     lines = [f"Step at which the training loss first falls under {middle:.2f}, half-way from the first logged loss ({first:.2f}, mean over these runs) "
-             f"to the best final one ({best:.3f}), logged every {some[1]['step'] - some[0]['step']} steps: how a run that fails to train fails.", "",
-             "| arm | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+             f"to the best final one ({best:.3f}), logged every {some[1]['step'] - some[0]['step']} steps: how a run that fails to train fails.", "", *lr_columns(lrs)]
     readings = []
     for arm, runs in grid.items():
         limit = stable_up_to(runs)
