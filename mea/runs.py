@@ -57,6 +57,12 @@ class Run:
         """The prepared corpus (name and hash of everything that decides its tokens): runs to compare share it."""
         return self.summary.get("data", "")
 
+    @property
+    def data_content(self) -> str:
+        """The tokens it trained on (mea.data.shards.PreparedCorpus.content); the cache key for runs made before
+        summaries recorded it."""
+        return self.summary.get("data_content") or self.data_key
+
 
 def metrics_rows(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per logged step."""

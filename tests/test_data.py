@@ -83,6 +83,29 @@ def test_second_prepare_is_a_cache_hit_that_does_no_work(shakespeare, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in second.path.iterdir()} == stamps
 
 
+def test_the_same_text_copied_elsewhere_is_prepared_again_but_named_the_same_tokens(shakespeare, tmp_path):
+    """A copy of the corpus (another path and mtime, as on a fresh mount or node-local disk) gets its own cache
+    key, since the key hashes the inputs without reading them, but the tokens it yields are the same, and so is
+    their content name, which is what decides whether two runs' losses compare; another vocabulary is other tokens."""
+    from types import SimpleNamespace
+
+    from mea.tools.compare import check_comparable
+
+    copy = tmp_path / "copy" / "input.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(Path(shakespeare).read_bytes())
+    first, moved = prepare(shakespeare_cfg(shakespeare, tmp_path)), prepare(shakespeare_cfg(copy, tmp_path))
+    other = prepare(replace(shakespeare_cfg(shakespeare, tmp_path), vocab_size=384))
+    assert first.path != moved.path and first.content == moved.content and first.content.startswith("shakespeare-")
+    assert other.content != first.content
+
+    def run(corpus, recorded=True):
+        return SimpleNamespace(data_content=corpus.content if recorded else corpus.path.name, summary={"data_content": corpus.content} if recorded else {}, amendments=[])
+    assert check_comparable([run(first), run(moved)]) == []
+    assert check_comparable([run(first), run(other)])[0].startswith("the runs were trained on different tokens")
+    assert "predate the tokens' checksum" in check_comparable([run(first, recorded=False), run(moved, recorded=False)])[0]
+
+
 def test_same_seed_same_batches_and_ranks_partition_the_epoch(stdlib):
     windows = TokenWindows(stdlib.shards("train"), 128)
     a, b = Batches(windows, 8, seed=3), Batches(windows, 8, seed=3)

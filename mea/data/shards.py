@@ -40,6 +40,14 @@ class PreparedCorpus:
         return Tokenizer.from_file(str(self.path / "tokenizer.json"))
 
     @property
+    def content(self) -> str:
+        """<name>-<hash> of the tokens themselves (the tokenizer's and every shard's checksum), where the cache key
+        hashes what the tokens were made from: a source file copied, moved or re-stamped (a fresh mount, a copy to
+        node-local disk) gets a new cache key, but its runs stay comparable while their tokens are the same."""
+        parts = [self.manifest["tokenizer"]["sha256"], *(f"{s['split']}:{s['sha256']}" for s in self.manifest["shards"])]
+        return f"{self.path.name.rsplit('-', 1)[0]}-{hashlib.sha256(' '.join(parts).encode()).hexdigest()[:16]}"
+
+    @property
     def vocab_size(self) -> int:
         return self.manifest["tokenizer"]["vocab_size"]
 

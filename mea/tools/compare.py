@@ -72,9 +72,12 @@ def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
 
 def check_comparable(runs: list[Run]) -> list[str]:
     notes = []
-    keys = {run.data_key for run in runs}
-    if len(keys) > 1:
-        notes.append(f"the runs were trained on different data or tokenizers ({', '.join(sorted(keys))}); their losses are not comparable")
+    keys = {run.data_content for run in runs}
+    if len(keys) > 1 and all(run.summary.get("data_content") for run in runs):
+        notes.append(f"the runs were trained on different tokens ({', '.join(sorted(keys))}: other data or tokenizers); their losses are not comparable")
+    elif len(keys) > 1:
+        notes.append(f"the runs' corpora were prepared under different cache keys ({', '.join(sorted(keys))}) and some runs predate the "
+                     "tokens' checksum in summary.json: compare the corpora's manifests (tokenizer and shard sha256) before reading their losses side by side")
     budgets = {run.summary.get("tokens") for run in runs}
     if len(budgets) > 1:
         notes.append(f"the runs saw different token budgets ({', '.join(map(str, sorted(budgets)))}); final losses compare unequal training")

@@ -317,6 +317,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
             "world_size": world_size,
             "run_dir": str(run_dir.path),
             "data": corpus.path.name,
+            "data_content": corpus.content,
             "code": code_version(),
             "sample": generate_sample(run_dir.path / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
         }
