@@ -1,5 +1,6 @@
 """mea.scaling.effects on given numbers: brackets, the held-out law, multipliers, intervals."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -122,3 +123,14 @@ def test_a_multiplier_interval_reaching_the_floor_reads_infinite_not_nan():
     result = multipliers({n: [float(law(n))] for n in sizes}, {n: [float(law(1.5 * n))] for n in sizes}, noise=0.3, n_boot=200)
     bounds = [v for interval in result.intervals for v in interval]
     assert not any(math.isnan(v) for v in bounds) and math.inf in bounds
+
+
+def test_a_multiplier_past_any_float_reads_infinite_without_overflowing():
+    """A small α turns a loss just above the floor into a factor beyond the largest float: it reads ∞, with no
+    overflow raised or warned (the report's bootstrap meets such draws by the hundred)."""
+    law = SizeLaw(E=2.0, A=40.0, alpha=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert multiplier(law, np.float64(1e5), 2.0 + 1e-9) == math.inf
+        assert multiplier(law, 1e5, 2.0 + 1e-9) == math.inf
+        assert multiplier(law, 1e5, float(law(2e5))) == pytest.approx(2.0)

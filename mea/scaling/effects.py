@@ -13,6 +13,7 @@ law tested on a size it did not see, each arm's parameter multiplier across size
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -136,7 +137,10 @@ def multiplier(law: SizeLaw, n: float, loss: float, base_loss: float | None = No
     budget the law was not fitted at, give the baseline's own loss there: under L = E + A·N^(−α) + B·D^(−β) another
     budget moves only the floor, to base_loss − A·n^(−α)."""
     floor = law.E if base_loss is None else base_loss - (law(n) - law.E)
-    return math.inf if loss <= floor else float(((law(n) - law.E) / (loss - floor)) ** (1 / law.alpha))
+    if loss <= floor:
+        return math.inf
+    log_m = math.log(float(law(n) - law.E) / (loss - floor)) / law.alpha
+    return math.inf if log_m > math.log(sys.float_info.max) else math.exp(log_m)  # a loss a hair above the floor: beyond any size
 
 
 @dataclass
