@@ -76,7 +76,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "trained").rename(tmp_path / "runs")
     assert "model.n_kv_heads=2" in (tmp_path / "runs" / "compare-main" / "mha_gqa" / "s0" / ".hydra" / "overrides.yaml").read_text()  # half the heads stored
-    changed = re.search(r"^\| mea \| \+0\.5826 \| ([+-][\d.]+) \|$", report, re.M)  # the first report's delta beside this one's
+    changed = re.search(r"^\| mea \| \+0\.5826 \| higher \| ([+-][\d.]+) \| (?:within noise|lower|higher|–) \|$", report, re.M)  # the first report's delta and reading beside this one's
     assert "## What changed since the previous report" in report and "LR-sweep runs: 147 steps then, 16 now; from-scratch runs: 489 steps then, 16 now" in report and "| fall over the last fifth |" in report
     assert changed and abs(float(changed.group(1)) - (sum(finals["mea"]) - sum(finals["mha"])) / 2) < 2e-4
     row = re.search(r"\| G = 2 of 4, all layers \| [\d.]+ \| ([\d.]+) \| ", report)

@@ -167,15 +167,24 @@ def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], g
     return out
 
 
-def previous_results(path: Path) -> tuple[dict[str, float], dict[str, int]]:
-    """An earlier report's main-corpus deltas against its baseline, and the steps of its LR-sweep and from-scratch runs,
-    read from its text (its table and the command lines it printed)."""
+def previous_results(path: Path) -> tuple[dict[str, dict], dict[str, int]]:
+    """An earlier report's main-corpus rows (seeds, final validation loss mean and std, Δ against its baseline), and
+    the steps of its LR-sweep and from-scratch runs, read from its text (its table and the command lines it printed)."""
     text = path.read_text()
     main = text.split("### main corpus", 1)[-1].split("###", 1)[0]
-    deltas = {arm: float(d) for arm, d in re.findall(r"^\| (\S+) \| \d+ \| [\d.]+ ± [\d.]+ \| ([+-][\d.]+) \|", main, re.M)}
+    rows = {arm: {"seeds": int(n), "final_val_loss": float(mean), "final_val_loss_std": float(std), "delta_vs_baseline": float(d)}
+            for arm, n, mean, std, d in re.findall(r"^\| (\S+) \| (\d+) \| ([\d.]+) ± ([\d.]+) \| ([+-][\d.]+) \|", main, re.M)}
     steps = {kind: int(m.group(1)) for kind in ("an LR-sweep run", "a from-scratch run")
              if (m := re.search(rf"# {kind}\npython train.py [^\n]*trainer.max_steps=(\d+)", text))}
-    return deltas, steps
+    return rows, steps
+
+
+def side_of_baseline(row: dict | None, base: dict | None) -> str:
+    """Where an arm's loss lies against the baseline's at 2 standard errors: lower, higher or within noise."""
+    if row is None or base is None or row is base or row["seeds"] < 2 or base["seeds"] < 2:
+        return "–"
+    delta = row["final_val_loss"] - base["final_val_loss"]
+    return "within noise" if within_noise(delta, standard_error(row, base)) else ("lower" if delta < 0 else "higher")
 
 
 def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str | None) -> list[str]:
@@ -185,16 +194,21 @@ def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str |
     previous = Path(p.previous_report)
     if not previous.is_file():
         return lines
-    deltas, steps = previous_results(previous)
+    then, steps = previous_results(previous)
     now = {kind: int(next(o for o in example[1] if o.startswith("trainer.max_steps=")).split("=", 1)[1])
            for kind in ("an LR-sweep run", "a from-scratch run") if (example := example_run(out, RUN_KINDS[kind]))}
     budget = "; ".join(f"{kind.split(' ', 1)[1]}s: {steps.get(kind, '?')} steps then, {now.get(kind, '?')} now" for kind in ("an LR-sweep run", "a from-scratch run"))
-    lines += [f"The [previous report]({os.path.relpath(previous, report.parent)}) against this one ({budget}):", "",
-              f"| arm | Δ vs {p.baseline} then | Δ vs {p.baseline} now |", "|---|---|---|"]
-    for arm in sorted({*deltas, *(r["variant"] for r in rows)}):
-        mine, then = row_of(rows, arm), f"{deltas[arm]:+.4f}" if arm in deltas else "–"
-        lines.append(f"| {arm} | {then} | {mine['delta_vs_baseline']:+.4f} |" if mine else f"| {arm} | {then} | – |")
-    return lines + [""]
+    lines += [f"The [previous report]({os.path.relpath(previous, report.parent)}) against this one ({budget}); each reading is the arm's "
+              f"loss against {p.baseline}'s at 2 standard errors:", "",
+              f"| arm | Δ vs {p.baseline} then | reading then | Δ vs {p.baseline} now | reading now |", "|---|---|---|---|---|"]
+    moved = []
+    for arm in sorted({*then, *(r["variant"] for r in rows)}):
+        old, mine = then.get(arm), row_of(rows, arm)
+        read_then, read_now = side_of_baseline(old, then.get(p.baseline)), side_of_baseline(mine, row_of(rows, p.baseline))
+        lines.append(f"| {arm} | {fmt(old and old['delta_vs_baseline'], '+.4f', '')} | {read_then} | {fmt(mine and mine['delta_vs_baseline'], '+.4f', '')} | {read_now} |")
+        if "–" not in (read_then, read_now) and read_then != read_now:
+            moved.append(f"{arm} ({read_then} then, {read_now} now)")
+    return lines + ["", f"The reading moved for {', '.join(moved)}." if moved else "No arm's reading against the baseline moved.", ""]
 
 
 def table(rows: list[dict], baseline: str) -> list[str]:
