@@ -19,7 +19,7 @@ from mea.scaling.sweep import at_largest_size, read_results
 from mea.scaling.effects import Multipliers, difference
 from mea.studies.protocol import reading, standard_error, verdict, within_noise
 from mea.studies.trust import (bracket_claim, bracket_plot, bracket_table, held_out_table, init_table, loss_choice_table, multiplier_plot, multiplier_readings,
-                               multiplier_table, noise_of, own_bests, read_brackets, row_of, size_losses, two_readings)
+                               multiplier_table, noise_of, own_bests, read_brackets, reads, row_of, size_losses, two_readings)
 from mea.tools.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
 
 
@@ -183,8 +183,7 @@ def side_of_baseline(row: dict | None, base: dict | None) -> str:
     """Where an arm's loss lies against the baseline's at 2 standard errors: lower, higher or within noise."""
     if row is None or base is None or row is base or row["seeds"] < 2 or base["seeds"] < 2:
         return "–"
-    delta = row["final_val_loss"] - base["final_val_loss"]
-    return "within noise" if within_noise(delta, standard_error(row, base)) else ("lower" if delta < 0 else "higher")
+    return reads(row["final_val_loss"] - base["final_val_loss"], standard_error(row, base))
 
 
 def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str | None) -> list[str]:
