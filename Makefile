@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 # DeepSpeed compiles its CPU all-reduce op the first time a CPU process group starts (47 s on 2 cores): built here,
 # once (torch's extension cache keeps it), rather than inside the first test or run that needs it.
 $(BIN)/.installed: pyproject.toml Makefile
@@ -27,6 +27,12 @@ demo: $(BIN)/.installed
 # Files start in tests/conftest.py's order.
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadfile --no-loadscope-reorder
+
+# A GPU node's check (mea/tools/gpu_check.py): the CUDA suite, the benchmarks and every variant under every engine, in
+# one table written to runs/gpu-check/. It runs with what is installed, the venv where there is one, and names what is
+# missing (a bare GPU image) or says there is no GPU, in one line.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m mea.tools.gpu_check
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/train_step.py

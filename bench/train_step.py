@@ -3,7 +3,11 @@
     python bench/train_step.py                      # CPU preset: 4 layers, width 256, 8 heads, T 256, batch 8, fp32
     python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
 
-Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak.
+Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak. One arm's
+model and optimizer are on the GPU at a time (the others wait in host memory), and each arm's peak is read from an
+allocator reset when its turn starts, so a row's peak is that arm's alone. An arm that does not fit the preset's
+batch runs at the largest batch that does (halving it), and its row says so; its saved bytes are scaled to the
+preset's batch (they grow with it linearly).
 On a CPU the process keeps the memory a step frees, as `train.py` does there (mea.cpu_heap; --default-heap
 measures glibc's defaults, which return it to the kernel and fault it in again at every step).
 Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike, each round
@@ -22,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import describe, matmul_peak, sync  # noqa: E402
 from mea.cpu_heap import keep_freed_memory  # noqa: E402
-from mea.models import LM, REGISTRY, ModelConfig  # noqa: E402
+from mea.models import LM, REGISTRY, ModelConfig, flops_per_token  # noqa: E402
 from mea.models.dynamics import DYNAMICS_SEQUENCES, measure  # noqa: E402
 from mea.models.attention.diff import DiffConfig  # noqa: E402
 from mea.models.attention.mea import MEAConfig  # noqa: E402
@@ -63,6 +68,62 @@ def saved_activation_bytes(forward, *inputs: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+class Arm:
+    """One variant's model, optimizer and forward (compiled or not), kept in host memory between its turns."""
+
+    def __init__(self, attention, p: dict, device: torch.device, dtype: torch.dtype, compile: bool):
+        torch.manual_seed(0)
+        self.model = LM(ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"]), attention)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # as mea.train.optim builds it
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.device, self.dtype, self.batch, self.peak_gib = device, dtype, p["batch"], 0.0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
+
+    def step(self, x: torch.Tensor) -> None:
+        with self.autocast():
+            logits = self.forward(x[: self.batch, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[: self.batch, 1:].flatten())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    @contextmanager
+    def turn(self):
+        """The arm on the device for the block (its model and its optimizer state), its peak memory read at the end."""
+        self.move(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        yield
+        sync(self.device)
+        if self.device.type == "cuda":
+            self.peak_gib = max(self.peak_gib, torch.cuda.max_memory_allocated() / 2**30)
+            self.move(torch.device("cpu"))
+            torch.cuda.empty_cache()
+
+    def move(self, device: torch.device) -> None:
+        self.model.to(device)
+        for state in self.opt.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = value.to(device)
+
+    def fit_batch(self, x: torch.Tensor) -> None:
+        """Two steps (compiling, if asked) at the largest batch up to the preset's that fits on the device."""
+        while True:
+            try:
+                for _ in range(2):
+                    self.step(x)
+                return
+            except torch.OutOfMemoryError:
+                if self.batch == 1:
+                    raise
+            self.opt.zero_grad(set_to_none=True)  # out of the except block: the failed step's tensors are freed
+            torch.cuda.empty_cache()
+            self.batch //= 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -78,70 +139,53 @@ def main() -> None:
     if rounds < 2:
         parser.error(f"--rounds {rounds}: the ratios' quartiles need at least 2 rounds; pass --rounds 2 or more")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
+    arms_ = {name: Arm(attention, p, device, dtype, args.compile) for name, attention in arms().items()}
+    x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), generator=torch.Generator().manual_seed(0)).to(device)
 
-    models = {}
-    for name, attention in arms().items():
-        model = LM(ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"]), attention).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mea.train.optim builds it
-        forward = torch.compile(model) if args.compile else model
-        models[name] = (model, opt, forward)
-    x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), device=device)
-
-    def step(name: str) -> None:
-        model, opt, forward = models[name]
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            logits = forward(x[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    peak_memory, saved = {}, {}
-    for name in models:  # warm-up (and compilation)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(2):
-            step(name)
-        sync(device)
-        if device.type == "cuda":
-            peak_memory[name] = torch.cuda.max_memory_allocated() / 2**30
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):  # what the timed forward keeps
-            saved[name] = saved_activation_bytes(models[name][2], x[:, :-1]) / 2**20
-    dynamics_steps = {}
-    for name in models:  # before the timed rounds: whatever the pass leaves behind is in the step times
-        sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            measure(models[name][0], x[:DYNAMICS_SEQUENCES, :-1])
-        sync(device)
-        dynamics_steps[name] = time.perf_counter() - start
-        assert not any(m._forward_hooks or m._forward_pre_hooks for m in models[name][0].modules()), "the dynamics pass left a hook"
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
+    saved, dynamics_s = {}, {}
+    for name, arm in arms_.items():  # each arm's first turn: its batch, compilation, what it saves, the dynamics pass
+        with arm.turn():
+            arm.fit_batch(x)
+            with arm.autocast():  # what the timed forward keeps, scaled to the preset's batch
+                saved[name] = saved_activation_bytes(arm.forward, x[: arm.batch, :-1]) / 2**20 * p["batch"] / arm.batch
+                sync(device)
+                start = time.perf_counter()  # before the timed rounds: whatever the pass leaves behind is in the step times
+                measure(arm.model, x[:DYNAMICS_SEQUENCES, :-1])
+                sync(device)
+            dynamics_s[name] = time.perf_counter() - start
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in arm.model.modules()), "the dynamics pass left a hook"
+    times: dict[str, list[float]] = {name: [] for name in arms_}
+    names = list(arms_)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            step(name)  # untimed: the allocator's heap is then this variant's, not the one before it's
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(p["steps"]):
-                step(name)
-            sync(device)
-            times[name].append((time.perf_counter() - start) / p["steps"])
+            arm = arms_[name]
+            with arm.turn():
+                arm.step(x)  # untimed: the allocator's heap is then this variant's, not the one before it's
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(p["steps"]):
+                    arm.step(x)
+                sync(device)
+                times[name].append((time.perf_counter() - start) / p["steps"])
 
     peak = matmul_peak(device, dtype)
-    tokens = p["batch"] * p["seq_len"]
     print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}" + (" · freed memory kept" if heap_kept else ""))
     print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
-    print(f"{'variant':<19} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7} {'dyn pass':>9}" + (f" {'peak GiB':>9}" if peak_memory else ""))
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        ratios = [t_mha / t_variant for t_mha, t_variant in zip(times["mha"], ts)]
+    gpu = device.type == "cuda"
+    print(f"{'variant':<19} {'batch':>5} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7} {'dyn pass':>9}" + (f" {'peak GiB':>9}" if gpu else ""))
+    tokens_per_s = {name: [arm.batch * p["seq_len"] / t for t in times[name]] for name, arm in arms_.items()}
+    for name, arm in arms_.items():
+        rate = statistics.median(tokens_per_s[name])
+        ratios = [variant / mha for mha, variant in zip(tokens_per_s["mha"], tokens_per_s[name])]  # round by round
         q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-        flops = models[name][0].flops_per_token(p["seq_len"]) * tokens
-        mem = f" {peak_memory[name]:9.2f}" if peak_memory else ""
-        print(f"{name:<19} {tokens / t:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {flops / t / peak:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dynamics_steps[name] / t:9.2f}{mem}")
+        mfu = rate * flops_per_token(arm.model.cfg, arm.model.attention_cfg, p["seq_len"]) / peak
+        dyn_steps = dynamics_s[name] / statistics.median(times[name])
+        mem = f" {arm.peak_gib:9.2f}" if gpu else ""
+        print(f"{name:<19} {arm.batch:5d} {rate:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {mfu:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dyn_steps:9.2f}{mem}")
+    lowered = [name for name, arm in arms_.items() if arm.batch < p["batch"]]
+    if lowered:
+        print(f"batch: {', '.join(lowered)} did not fit batch {p['batch']} and ran at the batch shown (saved MiB scaled to batch {p['batch']})")
     print("dyn pass: one dynamics pass (eval steps only), in training steps of that variant; no hook stays on the model")
 
 

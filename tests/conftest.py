@@ -81,7 +81,7 @@ def started(args: list[str], **popen):
 # files with most tests first, which left the longest to start last and run on alone at the end), the small ones
 # after them filling the gaps. Their times measured in a whole `make test` run on 2 cores.
 LONGEST_FIRST = ("test_protocol_micro.py", "test_slurm.py", "test_faults.py", "test_trainer.py", "test_scaling.py", "test_compare.py",
-                 "test_experiment.py", "test_launch.py", "test_data.py", "test_eval.py", "test_compress.py", "test_dynamics.py")
+                 "test_experiment.py", "test_launch.py", "test_gpu_check.py", "test_distributed.py", "test_data.py", "test_eval.py", "test_compress.py", "test_dynamics.py")
 
 
 def pytest_collection_modifyitems(items):

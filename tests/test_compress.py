@@ -15,6 +15,7 @@ from mea.models.attention.mha import MHAConfig
 from mea.runs import RunError
 
 from .conftest import QUICK, run_cli
+from .test_attention import DEVICES
 
 
 def model(attention, **kw):
@@ -33,24 +34,26 @@ def test_compressing_to_all_heads_changes_nothing(source):
     assert all(r["key_error"] < 1e-6 and r["value_error"] < 1e-6 for r in report)
 
 
-def test_hlc_of_rank_at_most_g_converts_exactly_and_halves_the_cache():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hlc_of_rank_at_most_g_converts_exactly_and_halves_the_cache(device):
     m = model(MEAConfig(hlc_init="random"))
     with torch.no_grad():
         for block in m.blocks:
             block.attention.hlc_k.copy_(torch.randn(8, 4) @ torch.randn(4, 8))
             block.attention.hlc_v.copy_(torch.randn(8, 4) @ torch.randn(4, 8))
-    c, report = compress(m, 4)
-    torch.testing.assert_close(c(X), m(X), rtol=1e-4, atol=1e-5)
+    c, report = compress(m, 4)  # mea-compress works on the CPU; the compressed model runs wherever it is loaded
     assert max(r["key_error"] for r in report) < 1e-6
+    m, c, x = m.to(device), c.to(device), X.to(device)
+    torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-5)
     sizes = []
     for net in (m, c):
         caches = net.new_caches()
-        net(X, caches=caches)
+        net(x, caches=caches)
         sizes.append(sum(cache.nbytes for cache in caches))
     assert sizes[1] * 2 == sizes[0]
-    cached = c.new_caches()  # the compressed cache, decoded token by token, equals the full forward
-    steps = [c(X[:, :5], caches=cached)] + [c(X[:, t : t + 1], caches=cached) for t in range(5, 16)]
-    torch.testing.assert_close(torch.cat(steps, 1), c(X), rtol=1e-4, atol=2e-5)
+    cached = c.new_caches()  # the compressed cache, decoded token by token (the absorbed attention), equals the full forward
+    steps = [c(x[:, :5], caches=cached)] + [c(x[:, t : t + 1], caches=cached) for t in range(5, 16)]
+    torch.testing.assert_close(torch.cat(steps, 1), c(x), rtol=1e-4, atol=2e-5)
 
 
 def test_a_rank_g_fit_is_the_best_one_and_the_error_is_reported():

@@ -10,7 +10,7 @@ import psutil
 
 from mea.run_directory import RunDirectory
 from mea.train import checkpoint
-from mea.train.engine import free_port
+from mea.distributed import free_port
 
 from .conftest import QUICK, ROOT, run_cli, started
 from .test_trainer import RUN, assert_curves_close, rows

@@ -46,3 +46,18 @@ def test_parameter_counts_separate_embeddings():
 def test_bad_head_counts_fail_at_construction(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         LM(ModelConfig(vocab_size=10, **overrides), MHAConfig())
+
+
+def test_counts_and_flops_come_from_the_config_not_from_the_tensors():
+    """ZeRO-3 leaves each rank's parameters as empty tensors (its partitions live elsewhere): the counts and the
+    FLOPs a token, which MFU divides by, stay those of the whole model."""
+    cfg = ModelConfig(vocab_size=1000)
+    model = LM(cfg, MHAConfig())
+    whole = model.parameter_counts()
+    assert whole["total"] == sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.data = torch.empty(0)  # what deepspeed.zero partitioning does to a module's parameters
+    assert model.parameter_counts() == whole
+    matmul_weights = whole["non_embedding"] + 1000 * cfg.dim  # the LM head's V×C is a matmul; the embedding lookup is not
+    assert model.flops_per_token(256) == 6 * matmul_weights + 12 * cfg.n_layers * cfg.dim * 256
+    assert LM(ModelConfig(vocab_size=1000, tie_embeddings=True), MHAConfig()).flops_per_token(256) == model.flops_per_token(256)

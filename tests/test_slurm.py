@@ -15,7 +15,7 @@ import pytest
 
 from mea.run_directory import RunDirectory
 from mea.train import checkpoint
-from mea.train.engine import free_port
+from mea.distributed import free_port
 
 from .conftest import QUICK, ROOT, run_cli, started
 from .test_scaling import MINI

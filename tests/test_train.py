@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from mea.data.shards import prepared_path
@@ -53,6 +54,8 @@ def test_every_variant_learns_real_text(variant, tmp_path, shakespeare):
         ("scheduler.name=linear", "scheduler.name='linear' is not allowed; choose one of: cosine, wsd, constant"),
         ("trainer.global_batch=10", "trainer.global_batch=10 is not a multiple of trainer.micro_batch=4"),
         ("data.vocab_size=200", "data.vocab_size=200 cannot hold the 256 byte tokens"),
+        pytest.param("deepspeed=zero2 trainer.device=cuda", "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")),
         ("model.init.scheme=xavier", "model.init.scheme='xavier' is not a known scheme; choose one of: gpt2, llama, scaled_embed"),
         ("model.init.embed_std=-1", "model.init.embed_std=-1.0 must be positive (or null for the scheme's value)"),
     ],

@@ -19,12 +19,13 @@ from mea.config import ConfigError, TrainConfig, validate
 from mea.models import LM
 from mea.run_directory import RunDirectory
 from mea.train import checkpoint
-from mea.train.engine import PlainEngine, free_port
+from mea.distributed import free_port
+from mea.train.engine import PlainEngine
 
 from .conftest import QUICK, ROOT, compose_config, kill_tree, run_cli, started
 from .wandb_log import read_run
 
-RUN = (*QUICK, "trainer.max_steps=20", "trainer.checkpoint_every=10")
+RUN = (*QUICK, "trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.peak_tflops=1")  # a peak: MFU is logged on the CPU too
 CURVE = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss")
 
 
@@ -73,8 +74,13 @@ def test_zero_on_two_processes_matches_one_process(preset, stage, single_process
     assert '2 process(es)' in proc.stdout and f'"stage": {stage}' in proc.stdout
     assert ('"offload_optimizer"' in proc.stdout) == preset.endswith("offload")
     assert_curves_close(single_process, tmp_path, rel=1e-4)
+    summary, plain = (json.loads((d / "summary.json").read_text()) for d in (tmp_path, single_process))
+    counts = ("params", "non_embedding_params", "flops_per_token")  # from the config, whatever ZeRO left in the tensors
+    assert [summary[k] for k in counts] == [plain[k] for k in counts] and plain["params"] > plain["non_embedding_params"] > 0
+    assert f"{plain['params']:,} parameters ({plain['non_embedding_params']:,} non-embedding), {plain['flops_per_token']:,.0f} FLOPs a token" in proc.stdout
+    for row, plain_row in zip(rows(tmp_path), rows(single_process), strict=True):  # MFU = tokens/s × FLOPs a token / processes / peak
+        assert row["mfu"] * 2 / row["tokens_per_s"] == pytest.approx(plain_row["mfu"] / plain_row["tokens_per_s"], rel=1e-12)
     if stage == 3:  # the ZeRO-3 checkpoint consolidates into one safetensors file a single-process model loads
-        summary = json.loads((tmp_path / "summary.json").read_text())
         check_single_process_load(tmp_path, summary["final_val_loss"])
 
 
@@ -235,6 +241,13 @@ def test_resume_with_another_model_shape_is_refused(single_process, tmp_path):
     other = tmp_path / "other"  # another run's checkpoint, given by hand
     proc = run_cli("train.py", *RUN, "model.n_layers=2", f"trainer.resume_from={run_dir}/checkpoints/step-0000020", f"hydra.run.dir={other}")
     assert proc.returncode == 2 and "does not fit this config (model.n_layers: checkpoint 4 vs config 2)" in proc.stderr
+
+
+def test_a_process_count_that_does_not_divide_the_batch_stops_before_the_group_starts(tmp_path):
+    proc = torchrun(tmp_path, *RUN, "deepspeed=zero2", nproc=3)
+    assert proc.returncode != 0
+    assert "error: trainer.global_batch=8 is not a multiple of trainer.micro_batch=2 × world size 3; change one of them" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and "DeepSpeed" not in proc.stdout
 
 
 def test_several_processes_need_deepspeed(tmp_path):

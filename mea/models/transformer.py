@@ -201,12 +201,25 @@ class LM(nn.Module):
         return torch.cat(out, dim=1)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total and non-embedding parameters (the latter leaves out the token embedding and an untied head)."""
-        total = sum(p.numel() for p in self.parameters())
-        embedding = self.embed.weight.numel() + (0 if self.cfg.tie_embeddings else self.head.weight.numel())
-        return {"total": total, "non_embedding": total - embedding}
+        return parameter_counts(self.cfg, self.attention_cfg)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, PaLM's formula: 6N + 12·L·H·D·T (N non-embedding parameters)."""
-        cfg = self.cfg
-        return 6 * self.parameter_counts()["non_embedding"] + 12 * cfg.n_layers * cfg.dim * seq_len
+        return flops_per_token(self.cfg, self.attention_cfg, seq_len)
+
+
+def parameter_counts(cfg: ModelConfig, attention: AttentionConfig) -> dict[str, int]:
+    """Total and non-embedding parameters of the model the config builds (the latter leaves out the token embedding
+    and an untied head). Counted on a copy built on the meta device: what a sharder leaves in the trained model's
+    tensors (ZeRO-3's partitions, of numel 0) never enters, and no memory is taken."""
+    with torch.device("meta"):
+        model = LM(cfg, attention)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel() + (0 if cfg.tie_embeddings else model.head.weight.numel())
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def flops_per_token(cfg: ModelConfig, attention: AttentionConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's formula 6N + 12·L·H·D·T, where N counts every matmul weight: the
+    non-embedding parameters and the LM head's V×C (tied or not); the embedding lookup is no matmul."""
+    n_matmul = parameter_counts(cfg, attention)["non_embedding"] + cfg.vocab_size * cfg.dim
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -47,10 +47,9 @@ def read_columns(path: Path, needed: dict[str, str], optional: dict[str, str] | 
 
 def preset_size(name: str) -> float:
     """Non-embedding parameters of a conf/model preset, counted on the meta device (nothing allocated)."""
-    import torch
     from omegaconf import OmegaConf
 
-    from mea.models import LM, ModelConfig
+    from mea.models import ModelConfig, parameter_counts
     from mea.models.attention.mha import MHAConfig
 
     path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
@@ -58,8 +57,7 @@ def preset_size(name: str) -> float:
         raise FitError(f"--target {name}: no such model preset in conf/model; give a preset name or a number of parameters")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
     cfg.vocab_size = 8
-    with torch.device("meta"):
-        return float(LM(cfg, MHAConfig()).parameter_counts()["non_embedding"])
+    return float(parameter_counts(cfg, MHAConfig())["non_embedding"])
 
 
 def parse_target(text: str) -> tuple[str, float]:

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.eval.perplexity import EVAL_WINDOWS, evaluate
-from mea.models import LM
+from mea.models import LM, parameter_counts
 from mea.models.attention.mha import MHAConfig
 from mea.pretrained import load_pretrained
 from mea.scaling.effects import check_factors, lr_bracket
@@ -166,8 +166,7 @@ def target_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[Path, list
 def target_size(p: Protocol) -> float:
     cfg = OmegaConf.to_object(compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides]).model)
     cfg.vocab_size = 8  # non-embedding parameters do not depend on it
-    with torch.device("meta"):
-        return float(LM(cfg, MHAConfig()).parameter_counts()["non_embedding"])
+    return float(parameter_counts(cfg, MHAConfig())["non_embedding"])
 
 
 def laws_by_validation_loss(results: Path, n_target: float, margin: float) -> dict:

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from mea import distributed
 from mea.config import ConfigError, compose_config
 from mea.run_directory import write_synced
 
@@ -31,28 +31,22 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def gathered(value) -> list:
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
 def check_rendezvous(seconds: float) -> tuple[bool, str]:
-    nodes = gathered(node_name())
+    nodes = distributed.gathered(node_name())
     expected = int(os.environ["WORLD_SIZE"])
-    return dist.get_world_size() == expected, (f"{dist.get_world_size()} of {expected} ranks on {len(set(nodes))} node(s) ({', '.join(sorted(set(nodes)))}) "
+    return distributed.world_size() == expected, (f"{distributed.world_size()} of {expected} ranks on {len(set(nodes))} node(s) ({', '.join(sorted(set(nodes)))}) "
                                               f"through {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} in {seconds:.1f} s")
 
 
 def check_run_directory(run_dir: Path) -> tuple[bool, str]:
     folder = run_dir / REPORT.parent
     folder.mkdir(parents=True, exist_ok=True)
-    mine = folder / f"rank-{dist.get_rank()}"
+    mine = folder / f"rank-{distributed.rank()}"
     write_synced(mine, node_name())
-    dist.barrier()
-    missing = [rank for rank in range(dist.get_world_size()) if not (folder / f"rank-{rank}").is_file()]
-    unseen = [m for m in gathered(missing) if m]
-    dist.barrier()
+    distributed.barrier()
+    missing = [rank for rank in range(distributed.world_size()) if not (folder / f"rank-{rank}").is_file()]
+    unseen = [m for m in distributed.gathered(missing) if m]
+    distributed.barrier()
     mine.unlink()
     if unseen:
         return False, f"{sum(map(len, unseen))} rank file(s) in {folder} were not visible to other ranks: put the run directory on storage every node mounts"
@@ -60,15 +54,15 @@ def check_run_directory(run_dir: Path) -> tuple[bool, str]:
 
 
 def check_all_reduce(device: torch.device, repeats: int = 5) -> tuple[bool, str]:
-    n = dist.get_world_size()
+    n = distributed.world_size()
     x = torch.empty(ALL_REDUCE_BYTES // 4, device=device)
-    x.fill_(dist.get_rank() + 1)
-    dist.all_reduce(x)  # the warm-up call also checks the sum
+    x.fill_(distributed.rank() + 1)
+    distributed.summed_(x)  # the warm-up call also checks the sum
     exact = bool((x == n * (n + 1) / 2).all())
-    dist.barrier()
+    distributed.barrier()
     start = time.perf_counter()
     for _ in range(repeats):
-        dist.all_reduce(x)
+        distributed.summed_(x)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / repeats
@@ -84,8 +78,8 @@ def check_first_losses(overrides: list[str], device: torch.device, steps: int = 
     from mea.train.optim import build_optimizer
 
     cfg = resolve(OmegaConf.to_object(compose_config(overrides)), device)
-    corpus = prepare(cfg.data) if dist.get_rank() == 0 else None
-    dist.barrier()  # one rank tokenises; the others find it in the cache (MEA_CACHE, on shared storage)
+    corpus = prepare(cfg.data) if distributed.rank() == 0 else None
+    distributed.barrier()  # one rank tokenises; the others find it in the cache (MEA_CACHE, on shared storage)
     corpus = corpus or prepare(cfg.data, log=lambda _: None)
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
@@ -98,7 +92,7 @@ def check_first_losses(overrides: list[str], device: torch.device, steps: int = 
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    every = torch.tensor(gathered(losses))
+    every = torch.tensor(distributed.gathered(losses))
     spread = (every.max(0).values - every.min(0).values).max().item()
     agree = spread <= 1e-5 * every.abs().max().item()
     shown = ", ".join(f"{v:.4f}" for v in losses)
@@ -109,9 +103,7 @@ def main(argv: list[str]) -> int:
     run_dir, overrides = Path(argv[0]), argv[1:]
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else torch.device("cpu")
     start = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    distributed.start(device)
     results = {"rendezvous": check_rendezvous(time.perf_counter() - start), "run directory": check_run_directory(run_dir),
                "all-reduce": check_all_reduce(device)}
     try:
@@ -119,10 +111,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         results["first losses"] = (False, str(e))
     lines = "".join(f"{'PASS' if ok else 'FAIL'} {name}: {detail}\n" for name, (ok, detail) in results.items())
-    if dist.get_rank() == 0:
+    if distributed.rank() == 0:
         write_synced(run_dir / REPORT, lines)
         print(lines, end="", flush=True)
-    dist.destroy_process_group()
+    distributed.stop()
     return 0 if all(ok for ok, _ in results.values()) else 1
 
 

@@ -9,10 +9,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from mea.models import LM, REGISTRY, ModelConfig
+from mea.models import REGISTRY, ModelConfig, parameter_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = replace(preset(args.model), vocab_size=args.vocab)
     width = BYTES[args.dtype]
-    with torch.device("meta"):
-        weights = LM(cfg, REGISTRY["mha"].Config()).parameter_counts()["total"] * width
+    weights = parameter_counts(cfg, REGISTRY["mha"].Config())["total"] * width
     free = args.memory_gib * 2**30 - weights
     print(f"{args.model}: {cfg.n_layers} layers, {cfg.n_heads} heads of {cfg.dim // cfg.n_heads}; weights {weights / 2**30:.2f} GiB in {args.dtype}; {args.memory_gib:g} GiB")
     print(f"| setting | KV bytes/token | vs mha | longest context at batch {args.batch} | largest batch at context {args.context} |")

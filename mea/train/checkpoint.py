@@ -16,28 +16,14 @@ import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 
+from mea import distributed
 from mea.config import ConfigError
 from mea.run_directory import CHECKPOINT_FORMAT, RunDirectory, damage, seal, sync_folder
 
 from .engine import Engine
 from .errors import TrainingError
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def from_rank0(value):
-    """Rank 0's value on every rank."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def failpoint(stage: str, step: int) -> None:
@@ -55,7 +41,7 @@ def find_resume_point(run_dir: RunDirectory, resume: bool, resume_from: str | No
         if why := damage(folder):
             raise ConfigError(f"trainer.resume_from={resume_from!r} is damaged ({why}); give an earlier checkpoint folder")
         return folder
-    return from_rank0(run_dir.latest_verified() if resume and rank == 0 else None)
+    return distributed.from_rank0(run_dir.latest_verified() if resume and rank == 0 else None)
 
 
 def read_state(folder: Path) -> dict:
@@ -73,18 +59,9 @@ def check_compatible(folder: Path, state: dict, model: dict, attention: dict, de
         raise ConfigError(f"checkpoint {folder} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; resume with the same deepspeed setting")
 
 
-def every_rank_wrote(error: str | None) -> str | None:
-    """The first rank's write error, on every rank (None when all wrote)."""
-    if not dist.is_initialized():
-        return error
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
 def save(engine: Engine, run_dir: RunDirectory, state: dict, keep: int) -> Path:
     """Every rank calls this; rank 0 seals and publishes the folder once all ranks have written their part."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = distributed.rank()
     step = state["step"]
     final = run_dir.path / "checkpoints" / f"step-{step:07d}"
     if final.exists():
@@ -93,7 +70,7 @@ def save(engine: Engine, run_dir: RunDirectory, state: dict, keep: int) -> Path:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
+    distributed.barrier()
     error = None
     try:
         engine.save(tmp)
@@ -101,7 +78,7 @@ def save(engine: Engine, run_dir: RunDirectory, state: dict, keep: int) -> Path:
         failpoint("engine-files", step)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full disk or a quota, as each writer reports it
         error = str(e).splitlines()[0]
-    error = every_rank_wrote(error)
+    error = next((e for e in distributed.gathered(error) if e), None)  # the first rank's write error, on every rank
     if rank == 0 and error is None:
         try:
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "format": CHECKPOINT_FORMAT}, indent=1))
@@ -112,7 +89,7 @@ def save(engine: Engine, run_dir: RunDirectory, state: dict, keep: int) -> Path:
             sync_folder(final.parent)
         except OSError as e:
             error = str(e).splitlines()[0]
-    error = from_rank0(error)
+    error = distributed.from_rank0(error)
     if error is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -123,12 +100,12 @@ def save(engine: Engine, run_dir: RunDirectory, state: dict, keep: int) -> Path:
         failpoint("prune", step)
         for old in run_dir.checkpoints()[:-keep]:  # the one just sealed is the newest verified, and always kept
             shutil.rmtree(old)
-    barrier()
+    distributed.barrier()
     return final
 
 
 def load(engine: Engine, folder: Path) -> dict:
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = distributed.rank()
     engine.load(folder)
     rng = folder / f"rng-rank{rank}.pt"
     if rng.is_file():

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
+from mea import distributed
 from mea.config import ConfigError, TrainConfig
 from mea.models.transformer import Block
 
+from .errors import TrainingError
 from .optim import build_optimizer, build_scheduler
 
 
@@ -37,21 +36,6 @@ class Engine:
     def full_parameters(self):
         """A context in which self.model's parameters hold their full values (ZeRO-3 gathers its partitions)."""
         return nullcontext()
-
-    @staticmethod
-    def all_finite(losses: list[torch.Tensor]) -> bool:
-        finite = torch.stack(losses).isfinite().all().float()
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
-
-    @staticmethod
-    def mean_over_ranks(value: float) -> float:
-        if not dist.is_initialized():
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item() / dist.get_world_size()
 
 
 class PlainEngine(Engine):
@@ -76,7 +60,7 @@ class PlainEngine(Engine):
                 loss = self.forward(xm, ym)
             (loss / accumulation).backward()
             losses.append(loss.detach())
-        if not self.all_finite(losses):
+        if not distributed.all_finite(losses):
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan"), float("nan")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip).item()
@@ -112,9 +96,12 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dic
         "train_batch_size": cfg.trainer.global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.trainer.global_batch // (micro_batch * world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if ds.stage else 0.0,  # without ZeRO the engine clips, as the plain engine does
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        # bf16 is torch autocast over fp32 weights, as the plain engine runs it. DeepSpeed's own `bf16` block would cast
+        # the whole module to bf16 (HLC, THA's mixing, DIFF's λ, the head norms' scales), and its autocast reduces
+        # Linear gradients in bf16 unless told otherwise: no module is, so the arithmetic is the plain engine's.
+        "torch_autocast": {"enabled": cfg.trainer.precision == "bf16", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # else an offloaded optimizer must be DeepSpeed's own CPU Adam
         "steps_per_print": 1 << 30,
@@ -136,37 +123,42 @@ class DeepSpeedEngine(Engine):
         self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine.checkpoint_engine)
         if cfg.trainer.compile:
             self.engine.compile()
-        self.autocast = nullcontext()  # DeepSpeed holds bf16 weights itself
 
     @property
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        losses, grad_norm = [], None
+        """Loss and gradient norm of the step. A non-finite loss on any rank skips the step as the plain engine does:
+        its backward carries NaN into every gradient, so that DeepSpeed's own overflow check (ZeRO 1-3; at stage 0
+        the optimizer's `overflow` flag, set here) steps neither the optimizer nor the schedule and clears the
+        gradients, on every rank. The forward runs under DeepSpeed's torch autocast (deepspeed_config)."""
+        losses, grad_norm, finite = [], None, True
         for xm, ym in self.micro_batches(x, y):
             loss = self.engine(xm, ym)
             losses.append(loss.detach().float())
-            finite = self.all_finite(losses)
-            if finite:
-                self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary() and self.cfg.deepspeed.stage == 0:
-                # Without ZeRO, DeepSpeed neither reports the norm nor skips a non-finite step: both are done here.
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                grad_norm = nn.utils.get_total_norm(grads).item() if finite else None
-                if not finite:
-                    self.engine.optimizer.zero_grad(set_to_none=True)
+            self.engine.backward(loss * torch.where(loss.detach().isfinite(), 1.0, math.nan))  # no wait on the device
+            if self.engine.is_gradient_accumulation_boundary():
+                finite = distributed.all_finite(losses)
+                if self.cfg.deepspeed.stage == 0:  # without ZeRO, DeepSpeed neither reports the norm nor skips a step
+                    grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip).item()
+                    self.engine.optimizer.overflow = not finite
+                    if not finite:
+                        self.engine.optimizer.zero_grad(set_to_none=True)
             self.engine.step()
-        if not self.all_finite(losses):
-            return float("nan"), float("nan")
+        if not self.engine.was_step_applied():  # skipped: a non-finite loss, or a gradient ZeRO found non-finite
+            return math.nan, math.nan
+        if not finite:
+            raise TrainingError("DeepSpeed applied a step whose loss was not finite: its overflow check differs from the one mea is tested with; "
+                                "install the deepspeed version that pyproject.toml names")
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        return self.mean_over_ranks(torch.stack(losses).mean().item()), float(grad_norm)
+        return distributed.mean(torch.stack(losses).mean().item()), float(grad_norm)
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
         weights = self.consolidated_state()  # a collective under ZeRO-3: every rank takes part
-        if dist.get_rank() == 0:
+        if distributed.rank() == 0:
             save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(folder / "model.safetensors"))
 
     def load(self, folder: Path) -> None:
@@ -214,32 +206,13 @@ def deepspeed_safe_globals() -> list:
 
 
 def setup_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
-    """(rank, world size): torchrun's environment when present, else one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size): torchrun's environment under DeepSpeed, else one process."""
+    world_size = distributed.launched_world_size()
     if world_size > 1 and not cfg.deepspeed.enabled:
         raise ConfigError(f"{world_size} processes were started but deepspeed=none; choose deepspeed=zero1 (or zero0/zero2/zero3) for multi-process training")
     if not cfg.deepspeed.enabled:
         return 0, 1
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if world_size == 1:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return distributed.start(device, through_deepspeed=True)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

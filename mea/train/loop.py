@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -13,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model
 from tqdm import tqdm
 
+from mea import distributed
 from mea.config import ConfigError, TrainConfig, validate
 from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, TokenWindows, prepare, validation_batches
@@ -52,8 +54,12 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
             raise ConfigError(f"trainer.init_from={trainer.init_from!r} has no config.json; give a folder written by mea-export or mea-compress")
         saved = json.loads(exported.read_text())
         cfg = replace(cfg, model=ModelConfig(**saved["model"]), attention=variant_class(saved["attention"]["name"]).Config(**saved["attention"]))
+    gpu_without_bf16 = device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False)
     if trainer.precision == "auto":
-        trainer = replace(trainer, precision="bf16" if device.type == "cuda" else "fp32")
+        trainer = replace(trainer, precision="bf16" if device.type == "cuda" and not gpu_without_bf16 else "fp32")
+    if trainer.precision == "bf16" and gpu_without_bf16:
+        raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (GPUs of compute capability 8.0 on have it); "
+                          "use trainer.precision=fp32 or auto")
     if trainer.global_batch_tokens is not None:
         trainer = replace(trainer, global_batch=trainer.global_batch_tokens // cfg.data.seq_len)
     return replace(cfg, trainer=trainer)
@@ -83,12 +89,12 @@ def evaluate(engine: Engine, windows: TokenWindows, n_windows: int, micro: int, 
     """Mean loss over the first n_windows of the validation split, shared out across ranks."""
     module = getattr(engine, "engine", engine.model)
     module.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # Σ loss × windows, Σ windows; summed where the backend reads
     for x, y in validation_batches(windows, n_windows, micro, rank, world_size):
         with engine.autocast:
-            total += torch.tensor([module(x.to(engine.device), y.to(engine.device)).float().item() * len(x), len(x)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(total)
+            total[0] += module(x.to(engine.device), y.to(engine.device)).double() * len(x)
+        total[1] += len(x)
+    distributed.summed_(total)
     module.train()
     return (total[0] / total[1]).item()
 
@@ -134,12 +140,7 @@ class StopFlag:
             handler(cls.received, None)
 
     def agreed(self) -> bool:
-        raised = StopFlag.received is not None
-        if not dist.is_initialized():
-            return raised
-        flag = torch.tensor([float(raised)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return distributed.any_rank(StopFlag.received is not None)
 
 
 @contextmanager
@@ -151,7 +152,7 @@ def sole_writer(run_dir: RunDirectory, rank: int):
             lease.__enter__()
         except RunDirectoryError as e:
             refusal = str(e)
-    if refusal := checkpoint.from_rank0(refusal):
+    if refusal := distributed.from_rank0(refusal):
         raise RunDirectoryError(refusal)
     try:
         yield
@@ -170,6 +171,7 @@ def run(dict_cfg: DictConfig) -> dict:
     check_amendments(cfg)
     run_dir = RunDirectory(cfg.run_dir)
     amended = run_dir.check(identity_of(cfg), cfg.trainer.amend)  # before any compute; the corpus's key is checked once it is known
+    micro = micro_batch_size(cfg, distributed.launched_world_size())  # before the process group starts
     rank, world_size = setup_distributed(cfg, device)
     done_before = finished_summary(run_dir.path, cfg.trainer.max_steps)
     if done_before is not None:
@@ -180,13 +182,23 @@ def run(dict_cfg: DictConfig) -> dict:
                   "raise trainer.max_steps to train on (with trainer.amend=[trainer.max_steps] where the schedule depends on it)")
         return done_before
     with sole_writer(run_dir, rank):
-        return train(cfg, run_dir, device, rank, world_size)
+        try:
+            return train(cfg, run_dir, device, micro, rank, world_size)
+        except torch.OutOfMemoryError as e:  # the traceback follows; the checkpoints stay, and a config that fits resumes
+            print(f"error: {out_of_memory_line(e, micro, device)}", file=sys.stderr, flush=True)
+            raise
 
 
-def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: int, world_size: int) -> dict:
+def out_of_memory_line(error: torch.OutOfMemoryError, micro: int, device: torch.device) -> str:
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(error))
+    card = f"a card of {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB" if device.type == "cuda" else f"the {device.type}"
+    return (f"out of GPU memory at trainer.micro_batch={micro} per GPU, asking for {asked.group(1) if asked else 'more'} on {card}: lower trainer.micro_batch "
+            "(gradient accumulation keeps the global batch) or set trainer.activation_checkpointing=true, and the same command resumes from the last checkpoint")
+
+
+def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, micro: int, rank: int, world_size: int) -> dict:
     """The training run proper: data, model, engine, resume, the loop, the summary."""
     tc = cfg.trainer
-    micro = micro_batch_size(cfg, world_size)
     resume_point = checkpoint.find_resume_point(run_dir, tc.resume, tc.resume_from, rank)
     if resume_point is not None:
         saved = checkpoint.read_state(resume_point)
@@ -194,7 +206,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
 
     if rank == 0:  # one process tokenises; the others then find it in the cache
         corpus = prepare(cfg.data)
-    checkpoint.barrier()
+    distributed.barrier()
     if rank != 0:
         corpus = prepare(cfg.data, log=lambda _: None)
     torch.manual_seed(tc.seed)
@@ -212,7 +224,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
     if resume_point is not None:
         state.update(checkpoint.load(engine, resume_point))
     start_step = state["step"]
-    params = model.parameter_counts()
+    params, flops_per_token = model.parameter_counts(), model.flops_per_token(cfg.data.seq_len)  # from the config: ZeRO-3's partitions hold nothing to count
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     run_name = f"{cfg.label}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
     tags = (f"variant:{cfg.label}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{tc.seed}")  # W&B filters by these
@@ -222,14 +234,16 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
         run_dir.record(identity, amended, start_step)
         (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         save_hydra_record(run_dir.path / ".hydra")
-        print(f"{cfg.label} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding) · {describe(engine)} · {world_size} process(es) on {device}")
+        print(f"{cfg.label} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), {flops_per_token:,.0f} FLOPs a token · "
+              f"{describe(engine)} · {world_size} process(es) on {device}")
         if resume_point is not None:
             print(f"resuming from {resume_point} at step {state['step']}")
 
     tokens_per_step = tc.global_batch * cfg.data.seq_len
-    flops_per_step = model.flops_per_token(cfg.data.seq_len) * tokens_per_step
     peak = peak_flops(device, tc.peak_tflops)
     stop = StopFlag()
+    if device.type == "cuda":  # this run's peak, not that of a run before it in the same process (a multirun)
+        torch.cuda.reset_peak_memory_stats(device)
     bad_in_a_row, last_row = 0, {}
     last_log_time = start_time = time.perf_counter()
     wall_before = state["wall_time_s"]
@@ -275,7 +289,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
                 "bad_steps": state["bad_steps_total"],
             }
             if peak:
-                row["mfu"] = row["tokens_per_s"] / tokens_per_step * flops_per_step / world_size / peak
+                row["mfu"] = row["tokens_per_s"] * flops_per_token / world_size / peak
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if evaluating:
@@ -306,6 +320,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
             "model": cfg.model.name,
             "params": params["total"],
             "non_embedding_params": params["non_embedding"],
+            "flops_per_token": flops_per_token,
             "steps": tc.max_steps,
             "tokens": tc.max_steps * tokens_per_step,
             "passes": tc.max_steps * tc.global_batch / len(train_batches.windows),  # over the training split: above ~4, data repeats too often
@@ -326,7 +341,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, rank: i
         print(f"run directory: {run_dir.path}")
         print(f"sample: {summary['sample']!r}")
     metrics.close(summary)
-    checkpoint.barrier()
+    distributed.barrier()
     return summary
 
 
