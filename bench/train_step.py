@@ -2,6 +2,7 @@
 
     python bench/train_step.py                      # CPU preset: 4 layers, width 256, 8 heads, T 256, batch 8, fp32
     python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
+    python bench/train_step.py --preset cpu-long    # the CPU preset's model at the GPU preset's T 2048, batch 1
 
 Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak. One arm's
 model and optimizer are on the GPU at a time (the others wait in host memory), and each arm's peak is read from an
@@ -43,6 +44,7 @@ PRESETS = {
     "cpu": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=256, batch=8, rounds=7, steps=3),
     "cuda": dict(dim=1024, n_layers=12, n_heads=16, vocab=32768, seq_len=2048, batch=8, rounds=5, steps=10),
     "smoke": dict(dim=64, n_layers=2, n_heads=4, vocab=512, seq_len=64, batch=4, rounds=2, steps=1),  # does it run
+    "cpu-long": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=2048, batch=1, rounds=2, steps=1),  # the GPU preset's T: saved bytes
 }
 
 

@@ -196,10 +196,11 @@ def test_cached_decoding_equals_full_forward(attention, n_kv_heads, device):
         for name, p in m.named_parameters():
             if any(part in name for part in ("hlc", "mix", "norm", "lambda")):
                 p.add_(0.1 * torch.randn_like(p))
-    m, x = m.to(device), tokens(T=20).to(device)
+    m, x = m.to(device), tokens(T=24).to(device)
     full = m(x)
     caches = m.new_caches()
-    steps = [m(x[:, :7], caches=caches), m(x[:, 7:10], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(10, 20)]
+    # a prefill past DECODE_QUERIES (mea's compressed cache: the fused kernel), a short chunk and single tokens (batched matmuls)
+    steps = [m(x[:, :17], caches=caches), m(x[:, 17:20], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(20, 24)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=2e-5)
 
 
@@ -273,6 +274,44 @@ def test_head_norm_keeps_no_activation_more_than_mha(variant):
     folded_weights = (4 if variant == "mea" else 1) * C * C * 4  # W_O, and for mea the whole QKV projection
     activation = B * T * C * 4
     assert 0 < kept[variant] - kept["mha"] - folded_weights < activation / 4  # statistics: 2 of every D = 16 values
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_tha_over_query_blocks_equals_the_whole_maps(n_kv_heads):
+    """Blocks of 8 of 20 queries (the last one short), each reading the keys it can see and recomputed in backward:
+    the output, every gradient and cached decoding equal the whole maps'."""
+    from mea.models.attention.tha import TalkingHeadsAttention
+
+    whole, blocked = (model(TalkingHeadsConfig(), n_kv_heads) for _ in range(2))
+    with torch.no_grad():
+        for m in (whole, blocked):  # heads that talk
+            for block in m.blocks:
+                block.attention.mix_logits.add_(0.3 * torch.randn(8, 8, generator=torch.Generator().manual_seed(5)))
+                block.attention.mix_weights.add_(0.3 * torch.randn(8, 8, generator=torch.Generator().manual_seed(6)))
+    for block in blocked.blocks:
+        block.attention.query_block = 8
+    assert TalkingHeadsAttention.query_block >= 20  # `whole` computes each head's 20×20 map at once
+    x = tokens(T=20)
+    torch.testing.assert_close(blocked(x, x), whole(x, x), rtol=0, atol=0)
+    for m in (whole, blocked):
+        m(x, x).backward()
+    for (name, a), b in zip(whole.named_parameters(), blocked.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    caches = blocked.new_caches()
+    steps = [blocked(x[:, :3], caches=caches), blocked(x[:, 3:20], caches=caches)]  # 17 new queries over 20 keys: 3 blocks
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tha_keeps_under_twice_what_mha_keeps_at_t_2048():
+    """What a step saves for backward at the GPU preset's length: with the maps recomputed per block of queries it
+    stays of the order of `mha`'s, instead of growing with T² (6.9× at T 2048 before)."""
+    from bench.train_step import saved_activation_bytes
+    from mea.models.attention.base import HeadShape, Rotary
+
+    B, T, C, H = 1, 2048, 64, 4
+    shape, x, rope = HeadShape(C, H, H), torch.randn(B, T, C, requires_grad=True), Rotary(torch.arange(T), 10000.0)
+    kept = {name: saved_activation_bytes(REGISTRY[name](REGISTRY[name].Config(), shape, 0), x, rope) for name in ("mha", "tha")}
+    assert kept["tha"] <= 2 * kept["mha"], kept
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,6 +10,7 @@ from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_
 from .mha import MultiHeadAttention
 
 HLC_INITS = ("identity", "identity_noise", "random")
+DECODE_QUERIES = 16  # new tokens up to which the compressed cache is read by batched matmuls, past it by the fused kernel
 
 
 @dataclass
@@ -101,15 +102,24 @@ class ExplicitAttention(MultiHeadAttention):
         """Attention of H queries over G stored heads, side by side as one shared head of width G·D.
 
         q_h · k_h = Σ_g (C_K[g, h] q_h) · k⁰_g   and   A_h v_h = Σ_g C_V[g, h] (A_h v⁰_g).
-        The H·T queries go in as rows of that one head, so the kernel reads each cached token once for all
-        heads (GQA-style broadcasting of the shared head measured 3.4× slower on CPU).
+        The H·T queries go in as rows of that one head, so each cached token is read once for all heads
+        (GQA-style broadcasting of the shared head measured 3.4× slower on CPU). Decoding (T up to
+        DECODE_QUERIES) is bound by the cache's bytes: two batched matmuls over it, as MLA's absorbed decode
+        does, where a fused kernel takes no head this wide or runs one block per (query block, head, batch)
+        with no split of the cached length (64 blocks for 132 multiprocessors at batch 64 on an H200).
         """
         B, H, T, D = q_BHTD.shape
         G, S = self.hlc_k.shape[0], k_B1SX.shape[2]
-        q_B1RX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, 1, H * T, G * D)
-        mask = None if T == 1 else causal_mask(T, S, q_BHTD.device).repeat(H, 1)
-        o_BHTGD = F.scaled_dot_product_attention(q_B1RX, k_B1SX, v_B1SX, attn_mask=mask, scale=default_scale(D)).view(B, H, T, G, D)
-        return torch.einsum("bhtgd,gh->bhtd", o_BHTGD, self.hlc_v)
+        q_BRX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, H * T, G * D)
+        mask_RS = None if T == 1 else causal_mask(T, S, q_BHTD.device).repeat(H, 1)
+        if T <= DECODE_QUERIES:
+            logits_BRS = torch.bmm(q_BRX * default_scale(D), k_B1SX[:, 0].transpose(1, 2))
+            if mask_RS is not None:
+                logits_BRS = logits_BRS.masked_fill(~mask_RS, float("-inf"))
+            o_BRX = torch.bmm(logits_BRS.float().softmax(dim=-1).type_as(v_B1SX), v_B1SX[:, 0])
+        else:
+            o_BRX = F.scaled_dot_product_attention(q_BRX[:, None], k_B1SX, v_B1SX, attn_mask=mask_RS, scale=default_scale(D))[:, 0]
+        return torch.einsum("bhtgd,gh->bhtd", o_BRX.view(B, H, T, G, D), self.hlc_v)
 
 
 def side_by_side(x_BGTD: torch.Tensor) -> torch.Tensor:

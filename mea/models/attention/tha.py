@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import AttentionConfig, HeadShape, KVCache, Rotary, causal_mask, default_scale, mixing_stats, register
 from .mha import MultiHeadAttention
@@ -24,10 +25,14 @@ class TalkingHeadsAttention(MultiHeadAttention):
         o_j  = W_j v_j,     y = W_O [o_1 … o_H]
 
     P_l and P_w are learned H×H matrices initialised to the identity, where THA is exactly `mha`. The mixing
-    needs every head's T×S map at once, so this variant cannot use the fused attention kernel.
+    needs every head's T×S map at once, so this variant cannot use the fused attention kernel. It runs over blocks
+    of `query_block` queries instead (DCFormer's chunking): each block reads only the keys its queries can see,
+    and in training its maps are recomputed in backward rather than kept, so what a step saves does not grow with
+    T² (at T 2048 it would be 6.9× what `mha` saves).
     """
 
     Config = TalkingHeadsConfig
+    query_block = 256  # queries a block: its transient maps are B·H·256·S floats
 
     def __init__(self, cfg: TalkingHeadsConfig, shape: HeadShape, layer_idx: int):
         super().__init__(cfg, shape, layer_idx)
@@ -41,8 +46,23 @@ class TalkingHeadsAttention(MultiHeadAttention):
             k, v = cache.update(k, v)
         if (group := self.shape.n_heads // k.shape[1]) > 1:
             v = v.repeat_interleave(group, dim=1)
-        weights_BHTS = mix_heads(self.mixed_probs(q, k), self.mix_weights)
-        return self.output(weights_BHTS @ v)
+        T, S = q.shape[2], k.shape[2]
+        if T <= self.query_block:
+            return self.output(self.talking_heads(q, k, v))
+        blocks = []
+        for start in range(0, T, self.query_block):
+            end = min(start + self.query_block, T)
+            seen = S - T + end  # the block's queries are the last of the keys up to here: the causal mask as for the whole
+            q_block, k_seen, v_seen = q[:, :, start:end], k[:, :, :seen], v[:, :, :seen]
+            if torch.is_grad_enabled():
+                blocks.append(checkpoint(self.talking_heads, q_block, k_seen, v_seen, use_reentrant=False))
+            else:
+                blocks.append(self.talking_heads(q_block, k_seen, v_seen))
+        return self.output(torch.cat(blocks, dim=2))
+
+    def talking_heads(self, q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+        """o_j = W_j v_j for T queries that are the last T of the S keys."""
+        return mix_heads(self.mixed_probs(q_BHTD, k_BGSD), self.mix_weights) @ v_BHSD
 
     def mixed_probs(self, q_BHTD: torch.Tensor, k_BGSD: torch.Tensor) -> torch.Tensor:
         """softmax(L′): each head's distribution over the keys after the heads talk, before the second mixing."""
