@@ -69,7 +69,7 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
+    compile: Any = "auto"  # auto (on for CUDA, off for CPU) | true | false; Any: OmegaConf 2.3 has no bool-or-str type
     activation_checkpointing: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -138,6 +138,7 @@ CHOICES = {
     "scheduler.name": ("cosine", "wsd", "constant"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16"),
+    "trainer.compile": ("auto", True, False),
     "deepspeed.stage": (0, 1, 2, 3),
     "logger.mode": ("online", "offline", "disabled"),
 }

@@ -22,7 +22,7 @@ from .test_trainer import RUN, assert_curves_close, kill_when, rows
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-GPU_RUN = (*RUN, "trainer.device=cuda")
+GPU_RUN = (*RUN, "trainer.device=cuda", "trainer.compile=false")  # eager unless a test compiles: auto compiles on a GPU
 ENGINES = ("none", "zero1", "zero2", "zero3", "zero3_offload")
 VARIANTS = ("mha", "mha_gn", "mea", "diff", "tha")
 FP32_REL, BF16_REL = 1e-4, 5e-3  # the engines sum gradients in other orders; bf16 carries that further
@@ -92,11 +92,11 @@ def test_export_generate_and_evaluate_a_gpu_trained_run(engines, tmp_path):
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> Path:
-    """Every variant eager, and compiled with activation checkpointing, in fp32 on one GPU: one process each."""
+    """Every variant eager, and compiled (fullgraph) with activation checkpointing, in fp32 on one GPU: one process each."""
     folder = tmp_path_factory.mktemp("variants")
     multirun(folder / "eager", *GPU_RUN, "trainer.precision=fp32", f"attention={','.join(VARIANTS)}")
-    multirun(folder / "compiled", *GPU_RUN, "trainer.precision=fp32", f"attention={','.join(VARIANTS)}", "trainer.compile=true", "trainer.activation_checkpointing=true",
-             timeout=1800)
+    multirun(folder / "compiled", *GPU_RUN[:-1], "trainer.precision=fp32", f"attention={','.join(VARIANTS)}", "trainer.compile=true",
+             "trainer.activation_checkpointing=true", timeout=1800)
     return folder
 
 
@@ -119,7 +119,7 @@ def test_out_of_memory_names_the_fix_and_the_same_command_resumes(tmp_path):
     activations) stops with one line naming the micro batch, what it asked for, the card and the fixes; the
     checkpoint before it stays, and a micro batch that fits resumes from it."""
     args = ["model=125m", "logger.mode=disabled", "data.seq_len=2048", "trainer.global_batch=256", "trainer.eval_batches=1", "trainer.sample_tokens=8",
-            "trainer.dynamics=false", "trainer.device=cuda", f"hydra.run.dir={tmp_path}"]
+            "trainer.dynamics=false", "trainer.device=cuda", "trainer.compile=false", f"hydra.run.dir={tmp_path}"]
     first = run_cli("train.py", *args, "trainer.micro_batch=8", "trainer.max_steps=1")
     assert first.returncode == 0, first.stderr[-3000:]
     more = [*args, "trainer.max_steps=2", "trainer.amend=[trainer.max_steps]"]
@@ -134,3 +134,14 @@ def test_out_of_memory_names_the_fix_and_the_same_command_resumes(tmp_path):
     resumed = run_cli("train.py", *more, "trainer.micro_batch=8")
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-3000:]
     assert rows(tmp_path)[-1]["step"] == 2 and os.path.isfile(tmp_path / "summary.json")
+
+
+def test_compile_auto_and_bf16_are_on_for_a_gpu(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mea.train.loop import resolve
+
+    from .conftest import compose_config
+
+    cfg = resolve(OmegaConf.to_object(compose_config(tmp_path, *QUICK)), torch.device("cuda"))
+    assert cfg.trainer.compile is True and cfg.trainer.precision == ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32")

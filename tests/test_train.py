@@ -69,3 +69,14 @@ def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp
     if not message.startswith("Could not find"):  # Hydra's own message for an unknown option lists the options
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (run_dir / "metrics.jsonl").exists() and not any(tmp_path.glob("**/manifest.json"))
+
+
+def test_compile_auto_is_off_on_a_cpu(tmp_path):
+    """trainer.compile=auto (the default): off on a CPU, where compiling costs more than it saves at these sizes
+    (BENCHMARKS.md); on for a GPU (tests/test_cuda.py)."""
+    from mea.train.loop import resolve
+
+    cfg = OmegaConf.to_object(compose_config(tmp_path, *QUICK))
+    assert cfg.trainer.compile == "auto" and resolve(cfg, torch.device("cpu")).trainer.compile is False
+    explicit = OmegaConf.to_object(compose_config(tmp_path, *QUICK, "trainer.compile=true"))
+    assert resolve(explicit, torch.device("cpu")).trainer.compile is True

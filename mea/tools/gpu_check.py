@@ -5,7 +5,7 @@
 1. the CUDA suite (`pytest -m cuda`): each test passes, fails or skips;
 2. bench/train_step.py and bench/decode.py with --device cuda (presets that fit an 80 GB card), their tables quoted;
 3. a short trainer run of each variant under each engine (plain PyTorch, ZeRO 1, 2, 3) at model=125m, T 1024,
-   batch 16, in bf16: tokens/s and MFU over its last 10 steps, and peak memory.
+   batch 16, in bf16, eager: tokens/s and MFU over its last 10 steps, and peak memory.
 
 The table goes to stdout and to runs/gpu-check/<card>-<date>.md, which BENCHMARKS.md quotes. Where the project's
 dependencies are missing (a bare GPU image), or no GPU is visible, it says so in one line and exits 1.
@@ -31,7 +31,7 @@ NEEDED = ("torch", "hydra", "omegaconf", "deepspeed", "datasets", "tokenizers", 
 VARIANTS = ("mha", "mha_gn", "mea", "diff", "tha")
 ENGINES = ("none", "zero1", "zero2", "zero3")
 TRAINER_RUN = ("model=125m", "data.seq_len=1024", "trainer.global_batch=16", "trainer.max_steps=20", "trainer.log_every=10", "trainer.eval_every=20",
-               "trainer.eval_batches=1", "trainer.dynamics=false", "trainer.sample_tokens=8", "trainer.device=cuda", "trainer.precision=bf16", "logger.mode=disabled")
+               "trainer.eval_batches=1", "trainer.dynamics=false", "trainer.sample_tokens=8", "trainer.device=cuda", "trainer.precision=bf16", "trainer.compile=false", "logger.mode=disabled")  # eager: 20 compilations would not fit 5 minutes
 
 
 def refusal() -> str | None:

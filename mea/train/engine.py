@@ -45,7 +45,7 @@ class PlainEngine(Engine):
         super().__init__(model, cfg, device, micro_batch)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.trainer.max_steps)
-        self.forward = torch.compile(model) if cfg.trainer.compile else model
+        self.forward = torch.compile(model, fullgraph=True) if cfg.trainer.compile else model  # a graph break is an error, not a slow path
 
     @property
     def lr(self) -> float:

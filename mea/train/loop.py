@@ -60,6 +60,8 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     if trainer.precision == "bf16" and gpu_without_bf16:
         raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (GPUs of compute capability 8.0 on have it); "
                           "use trainer.precision=fp32 or auto")
+    if trainer.compile == "auto":  # on a CPU at these sizes compiling costs more than it saves (BENCHMARKS.md)
+        trainer = replace(trainer, compile=device.type == "cuda")
     if trainer.global_batch_tokens is not None:
         trainer = replace(trainer, global_batch=trainer.global_batch_tokens // cfg.data.seq_len)
     return replace(cfg, trainer=trainer)

@@ -72,12 +72,20 @@ class Rotary:
         self._turns: dict[int, torch.Tensor] = {}
 
     def turns(self, width: int) -> torch.Tensor:
-        """(T, width/2) unit complex numbers, one per position and channel pair of a head of this width."""
+        """(T, width/2) unit complex numbers, one per position and channel pair of a head of this width, computed
+        once per forward call in eager mode. Compiled, they are computed where used (the compiler fuses them):
+        filling the cache inside a block that activation checkpointing recomputes is a side effect it cannot
+        replay, and a graph break."""
+        if torch.compiler.is_compiling():
+            return self.computed_turns(width)
         if width not in self._turns:
-            inv_freq = self.theta ** -(torch.arange(0, width, 2, device=self.positions.device, dtype=torch.float32) / width)
-            angles = self.positions.float()[:, None] * inv_freq[None, :]
-            self._turns[width] = torch.polar(torch.ones_like(angles), angles)
+            self._turns[width] = self.computed_turns(width)
         return self._turns[width]
+
+    def computed_turns(self, width: int) -> torch.Tensor:
+        inv_freq = self.theta ** -(torch.arange(0, width, 2, device=self.positions.device, dtype=torch.float32) / width)
+        angles = self.positions.float()[:, None] * inv_freq[None, :]
+        return torch.polar(torch.ones_like(angles), angles)
 
     def __call__(self, x_BhTd: torch.Tensor) -> torch.Tensor:
         return rotate(x_BhTd, self.turns(x_BhTd.shape[-1]))
