@@ -38,8 +38,8 @@ def multirun(folder: Path, *overrides: str, timeout: int = 900) -> Path:
 
 
 def run_of(folder: Path, *overrides: str) -> Path:
-    """The run directory of a multirun's job with these overrides (Hydra names it by them, sorted)."""
-    (match,) = [d for d in folder.iterdir() if d.is_dir() and all(o in d.name.split(",") for o in overrides)]
+    """The run directory of a multirun's job with these overrides (Hydra names it by them, sorted; booleans as True)."""
+    (match,) = [d for d in folder.iterdir() if d.is_dir() and all(o.lower() in d.name.lower().split(",") for o in overrides)]
     return match
 
 
@@ -90,20 +90,14 @@ def test_export_generate_and_evaluate_a_gpu_trained_run(engines, tmp_path):
     assert json.loads(evaluated.stdout)["val_loss"] == pytest.approx(json.loads((run / "summary.json").read_text())["final_val_loss"], rel=0.05)
 
 
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory) -> Path:
-    """Every variant eager, and compiled (fullgraph) with activation checkpointing, in fp32 on one GPU: one process each."""
-    folder = tmp_path_factory.mktemp("variants")
-    multirun(folder / "eager", *GPU_RUN, "trainer.precision=fp32", f"attention={','.join(VARIANTS)}")
-    multirun(folder / "compiled", *GPU_RUN[:-1], "trainer.precision=fp32", f"attention={','.join(VARIANTS)}", "trainer.compile=true",
-             "trainer.activation_checkpointing=true", timeout=1800)
-    return folder
-
-
-@pytest.mark.xdist_group("variants")
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_compiled_with_recomputation_follows_eager_on_a_gpu(variants, variant):
-    assert_curves_close(run_of(variants / "eager", f"attention={variant}"), run_of(variants / "compiled", f"attention={variant}"), rel=1e-3)
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.xdist_group(f"compile-{v}")) for v in VARIANTS])  # side by side
+def test_compiled_and_recomputed_follow_eager_on_a_gpu(variant, tmp_path):
+    """Eager, recomputed (activation checkpointing), compiled (one graph) and both, in fp32: one process a variant."""
+    runs = multirun(tmp_path, *GPU_RUN[:-1], "trainer.precision=fp32", f"attention={variant}", "trainer.compile=false,true",
+                    "trainer.activation_checkpointing=false,true", timeout=1800)
+    eager = run_of(runs, "trainer.compile=false", "trainer.activation_checkpointing=false")
+    for compiled, recomputed in (("false", "true"), ("true", "false"), ("true", "true")):
+        assert_curves_close(eager, run_of(runs, f"trainer.compile={compiled}", f"trainer.activation_checkpointing={recomputed}"), rel=1e-3)
 
 
 def test_the_cluster_check_all_reduces_through_nccl(tmp_path):

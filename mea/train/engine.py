@@ -23,9 +23,16 @@ from .errors import TrainingError
 from .optim import build_optimizer, build_scheduler
 
 
+def compiles(setting, device: torch.device) -> bool:
+    """trainer.compile: auto is on for a GPU and off for a CPU, where at these sizes compiling costs more than a run
+    saves (BENCHMARKS.md); true and false are themselves."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 class Engine:
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, micro_batch: int):
         self.model, self.cfg, self.device, self.micro_batch = model, cfg, device, micro_batch
+        self.compiled = compiles(cfg.trainer.compile, device)
         # bf16 matmuls under autocast on either device: on a CPU the same mixed-precision path a GPU runs
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.trainer.precision == "bf16" else nullcontext()
 
@@ -45,7 +52,7 @@ class PlainEngine(Engine):
         super().__init__(model, cfg, device, micro_batch)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.trainer.max_steps)
-        self.forward = torch.compile(model, fullgraph=True) if cfg.trainer.compile else model  # a graph break is an error, not a slow path
+        self.forward = torch.compile(model, fullgraph=True) if self.compiled else model  # a graph break is an error, not a slow path
 
     @property
     def lr(self) -> float:
@@ -121,7 +128,7 @@ class DeepSpeedEngine(Engine):
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.engine.checkpoint_engine = weights_only_checkpoint_engine(self.engine.checkpoint_engine)
-        if cfg.trainer.compile:
+        if self.compiled:
             self.engine.compile()
 
     @property

@@ -30,7 +30,7 @@ from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments,
 from mea.runs import code_version
 
 from . import checkpoint
-from .engine import Engine, build_engine, describe, setup_distributed
+from .engine import Engine, build_engine, compiles, describe, setup_distributed
 from .errors import Diverged
 from .metrics import MetricsLogger, peak_flops
 
@@ -60,8 +60,7 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     if trainer.precision == "bf16" and gpu_without_bf16:
         raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (GPUs of compute capability 8.0 on have it); "
                           "use trainer.precision=fp32 or auto")
-    if trainer.compile == "auto":  # on a CPU at these sizes compiling costs more than it saves (BENCHMARKS.md)
-        trainer = replace(trainer, compile=device.type == "cuda")
+    trainer = replace(trainer, compile=compiles(trainer.compile, device))  # recorded in config.yaml as decided
     if trainer.global_batch_tokens is not None:
         trainer = replace(trainer, global_batch=trainer.global_batch_tokens // cfg.data.seq_len)
     return replace(cfg, trainer=trainer)
