@@ -1,1 +1,1 @@
-"""One command each, over the library: mea-compare, mea-export, mea-compress, mea-kv-report, mea-launch (and its cluster check), the W&B workspace."""
+"""One command each, over the library: mea-compare, mea-export, mea-compress, mea-kv-report, mea-launch (and its cluster check), mea-gpu-check (`make gpu-check`), the W&B workspace."""
