@@ -181,6 +181,29 @@ def validate(cfg: DictConfig | Any, only: str | None = None) -> None:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.vocab_size={cfg.data.vocab_size}; token ids would fall outside the embedding — set model.vocab_size=null")
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """The trainer's batch settings worked out for a number of ranks."""
+
+    global_batch: int  # sequences an optimizer step, over all ranks
+    micro_batch: int  # sequences a rank runs forward and backward at once
+    accumulation: int  # micro-batches a rank runs for one optimizer step
+    tokens_per_step: int
+
+
+def batch_plan(cfg: TrainConfig | DictConfig, world_size: int = 1) -> BatchPlan:
+    """The one place the batch arithmetic lives: trainer.global_batch (or global_batch_tokens, in sequences of
+    data.seq_len) split into micro batches of trainer.micro_batch (default: the rank's whole share) on world_size
+    ranks. The launcher, the sweep, the experiment and the trainer all ask it."""
+    trainer, seq_len = cfg.trainer, cfg.data.seq_len
+    global_batch = trainer.global_batch_tokens // seq_len if trainer.global_batch_tokens else trainer.global_batch
+    micro = trainer.micro_batch or global_batch // world_size
+    if micro < 1 or global_batch % (micro * world_size):
+        raise ConfigError(f"trainer.global_batch={global_batch} is not a multiple of trainer.micro_batch={trainer.micro_batch or micro} × world size {world_size}; "
+                          "change one of them")
+    return BatchPlan(global_batch, micro, global_batch // (micro * world_size), global_batch * seq_len)
+
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 

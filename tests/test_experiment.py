@@ -274,3 +274,16 @@ def test_target_runs_train_side_by_side_and_one_failure_stops_none_of_the_others
     started = {name: (tmp_path / name / ".hydra" / "overrides.yaml").stat().st_mtime for name in ("a", "b")}
     ended = {name: (tmp_path / name / "summary.json").stat().st_mtime for name in ("a", "b")}  # the failure waited for both
     assert started["a"] < ended["b"] and started["b"] < ended["a"]  # two at once
+
+
+def test_a_batch_given_in_tokens_sets_the_step_counts_of_the_sweep_and_the_target(tmp_path):
+    """trainer.global_batch_tokens=256 at data.seq_len=32 is 8 sequences a step, whatever trainer.global_batch says
+    (its default is 16): 4,096 tokens are 16 steps for the sweep's runs and the target's alike."""
+    from mea.scaling.sweep import shared_overrides
+    from mea.studies.experiment import target_overrides
+
+    spec = tmp_path / "tokens.yaml"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("trainer.global_batch=8", "trainer.global_batch_tokens=256"))
+    p = load_protocol(spec)
+    assert "trainer.max_steps=16" in target_overrides(p, "mha", 1e-3, 0, [], tokens=4096)
+    assert "trainer.max_steps=16" in shared_overrides(p.sweep, p.sweep.sizes[0], "mha", ["attention=mha"])

@@ -89,7 +89,7 @@ def test_deepspeed_launcher_hostfile_and_command(tmp_path):
 
 def test_bad_shapes_missing_tools_and_busy_ports(tmp_path):
     shape = run_cli(LAUNCH, "slurm", "--nodes", "3", "--gpus-per-node", "8", "--run-dir", str(tmp_path), "--dry-run", "--", "deepspeed=zero2", "trainer.global_batch=64")
-    assert shape.returncode == 2 and "24 ranks cannot split a global batch of 64 sequences" in shape.stderr
+    assert shape.returncode == 2 and "24 ranks cannot split the batch: trainer.global_batch=64 is not a multiple of trainer.micro_batch=2 × world size 24" in shape.stderr
     no_ds = run_cli(LAUNCH, "torchrun", "--nodes", "2", "--run-dir", str(tmp_path), "--dry-run", "--", "trainer.global_batch=16")
     assert no_ds.returncode == 2 and "add deepspeed=zero1" in no_ds.stderr
     empty_bin = tmp_path / "empty-bin"  # a PATH without sbatch, whatever this machine has installed (Debian's is /usr/bin/sbatch)

@@ -35,7 +35,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mea.config import ConfigError, compose_config, load_config
+from mea.config import ConfigError, batch_plan, compose_config, load_config
 from mea.run_directory import RunDirectory, describe, identity_of
 from mea.runs import metrics_rows
 from mea.train.loop import resolve
@@ -115,8 +115,7 @@ def shared_overrides(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: 
     token budget."""
     base = [f"model={size.model}", *spec.overrides, *size.overrides, f"model.name={size.label}", *arm_overrides, f"arm={arm}"]
     cfg = compose_run(base)
-    tokens_per_step = cfg.trainer.global_batch_tokens or cfg.trainer.global_batch * cfg.data.seq_len
-    steps = max(1, math.ceil(size.tokens / tokens_per_step))
+    steps = max(1, math.ceil(size.tokens / batch_plan(cfg).tokens_per_step))
     return [*base, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"logger.group={spec.name}"]
 
 

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.eval.perplexity import EVAL_WINDOWS, evaluate
+from mea.config import batch_plan
 from mea.models import LM, parameter_counts
 from mea.models.attention.mha import MHAConfig
 from mea.pretrained import load_pretrained
@@ -131,7 +132,7 @@ def load_protocol(path: Path) -> Protocol:
 def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int, group: str = "") -> list[str]:
     base = [f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, f"model.name={p.target.name}", *p.sweep.arm_overrides()[arm], f"arm={arm}", *data]
     cfg = compose_run(base)
-    steps = max(1, math.ceil(tokens / (cfg.trainer.global_batch * cfg.data.seq_len)))
+    steps = max(1, math.ceil(tokens / batch_plan(cfg).tokens_per_step))
     return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={group or p.name}"]
 
 

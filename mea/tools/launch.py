@@ -35,7 +35,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mea.config import ConfigError, compose_config
+from mea.config import ConfigError, batch_plan, compose_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "train.py"
@@ -72,14 +72,10 @@ def check_batch(overrides: list[str], shape: Shape, run_dir: str):
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     cfg.run_dir = run_dir
-    tc = cfg.trainer
-    global_batch = tc.global_batch_tokens // cfg.data.seq_len if tc.global_batch_tokens else tc.global_batch
-    micro = tc.micro_batch or global_batch // shape.world_size
-    if micro < 1 or global_batch % (micro * shape.world_size):
-        raise LaunchError(
-            f"{shape.nodes} nodes × {shape.procs_per_node} processes = {shape.world_size} ranks cannot split a global batch of {global_batch} sequences"
-            f" into micro batches of {tc.micro_batch or micro}; make trainer.global_batch a multiple of micro_batch × {shape.world_size}"
-        )
+    try:
+        batch_plan(cfg, shape.world_size)
+    except ConfigError as e:
+        raise LaunchError(f"{shape.nodes} nodes × {shape.procs_per_node} processes = {shape.world_size} ranks cannot split the batch: {e}") from None
     if shape.world_size > 1 and not cfg.deepspeed.enabled:
         raise LaunchError(f"{shape.world_size} ranks need DeepSpeed; add deepspeed=zero1 (or zero0/zero2/zero3) to the overrides")
     return cfg

@@ -21,7 +21,7 @@ from safetensors.torch import load_model
 from tqdm import tqdm
 
 from mea import distributed
-from mea.config import ConfigError, TrainConfig, validate
+from mea.config import ConfigError, TrainConfig, batch_plan, validate
 from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
@@ -61,19 +61,8 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (GPUs of compute capability 8.0 on have it); "
                           "use trainer.precision=fp32 or auto")
     trainer = replace(trainer, compile=compiles(trainer.compile, device))  # recorded in config.yaml as decided
-    if trainer.global_batch_tokens is not None:
-        trainer = replace(trainer, global_batch=trainer.global_batch_tokens // cfg.data.seq_len)
+    trainer = replace(trainer, global_batch=batch_plan(cfg).global_batch)  # in sequences, where it was given in tokens
     return replace(cfg, trainer=trainer)
-
-
-def micro_batch_size(cfg: TrainConfig, world_size: int) -> int:
-    tc = cfg.trainer
-    micro = tc.micro_batch or tc.global_batch // world_size
-    if micro < 1 or tc.global_batch % (micro * world_size):
-        raise ConfigError(
-            f"trainer.global_batch={tc.global_batch} is not a multiple of trainer.micro_batch={tc.micro_batch or micro} × world size {world_size}; change one of them"
-        )
-    return micro
 
 
 def build_model(cfg: TrainConfig, vocab_size: int, max_token_id: int) -> LM:
@@ -172,7 +161,7 @@ def run(dict_cfg: DictConfig) -> dict:
     check_amendments(cfg)
     run_dir = RunDirectory(cfg.run_dir)
     amended = run_dir.check(identity_of(cfg), cfg.trainer.amend)  # before any compute; the corpus's key is checked once it is known
-    micro = micro_batch_size(cfg, distributed.launched_world_size())  # before the process group starts
+    micro = batch_plan(cfg, distributed.launched_world_size()).micro_batch  # before the process group starts
     rank, world_size = setup_distributed(cfg, device)
     done_before = finished_summary(run_dir.path, cfg.trainer.max_steps)
     if done_before is not None:
