@@ -302,7 +302,7 @@ def test_tha_over_query_blocks_equals_the_whole_maps(n_kv_heads):
     torch.testing.assert_close(torch.cat(steps, dim=1), whole(x), rtol=1e-5, atol=1e-6)
 
 
-def compiled_against_eager(attention, backend: str, recompute: bool = False, **kw) -> None:
+def compiled_against_eager(attention, recompute: bool, **kw) -> None:
     """One graph (fullgraph=True: a break is an error) for the loss, forward and backward, against eager; with
     `recompute`, every block under the trainer's activation checkpointing."""
     from mea.train.engine import apply_activation_checkpointing
@@ -313,7 +313,7 @@ def compiled_against_eager(attention, backend: str, recompute: bool = False, **k
     for block in m.blocks:  # THA's blocks of queries, checkpointed, in the graph too
         block.attention.query_block = 8
     x = tokens(T=25)
-    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     loss = compiled(x[:, :-1], x[:, 1:])
     loss.backward()
     grads = {name: p.grad.clone() for name, p in m.named_parameters()}
@@ -332,7 +332,7 @@ def test_every_variant_compiles_to_one_graph(attention, n_kv_heads, recompute):
     breaks do not depend on the backend, and inductor's code generation for every variant takes ~2 minutes here
     (measured once within 1e-8 of eager for each; in the suite, test_trainer's compiled run is inductor's)."""
     torch._dynamo.reset()
-    compiled_against_eager(attention, "aot_eager", recompute, n_kv_heads=n_kv_heads, n_layers=1)
+    compiled_against_eager(attention, recompute, n_kv_heads=n_kv_heads, n_layers=1)
 
 
 def test_tha_keeps_under_twice_what_mha_keeps_at_t_2048():
