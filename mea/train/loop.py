@@ -58,7 +58,7 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     if trainer.precision == "auto":
         trainer = replace(trainer, precision="bf16" if device.type == "cuda" and not gpu_without_bf16 else "fp32")
     if trainer.precision == "bf16" and gpu_without_bf16:
-        raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (GPUs of compute capability 8.0 on have it); "
+        raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (it needs compute capability 8.0 or later); "
                           "use trainer.precision=fp32 or auto")
     trainer = replace(trainer, compile=compiles(trainer.compile, device))  # recorded in config.yaml as decided
     trainer = replace(trainer, global_batch=batch_plan(cfg).global_batch)  # in sequences, where it was given in tokens
