@@ -187,7 +187,6 @@ class BatchPlan:
 
     global_batch: int  # sequences an optimizer step, over all ranks
     micro_batch: int  # sequences a rank runs forward and backward at once
-    accumulation: int  # micro-batches a rank runs for one optimizer step
     tokens_per_step: int
 
 
@@ -201,7 +200,7 @@ def batch_plan(cfg: TrainConfig | DictConfig, world_size: int = 1) -> BatchPlan:
     if micro < 1 or global_batch % (micro * world_size):
         raise ConfigError(f"trainer.global_batch={global_batch} is not a multiple of trainer.micro_batch={trainer.micro_batch or micro} × world size {world_size}; "
                           "change one of them")
-    return BatchPlan(global_batch, micro, global_batch // (micro * world_size), global_batch * seq_len)
+    return BatchPlan(global_batch, micro, global_batch * seq_len)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

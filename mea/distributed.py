@@ -24,7 +24,7 @@ def start(device: torch.device, through_deepspeed: bool = False) -> tuple[int, i
     """Start the process group of torchrun's environment (one process without it); (rank, world size).
 
     Through DeepSpeed when it trains (deepspeed.init_distributed starts torch's group and its own comm layer)."""
-    if os.environ.get("WORLD_SIZE", "1") == "1":
+    if launched_world_size() == 1:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -57,10 +57,6 @@ def free_port() -> int:
 def launched_world_size() -> int:
     """The processes torchrun (or SLURM through it) started, known before the group starts."""
     return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def started() -> bool:
-    return dist.is_initialized()
 
 
 def rank() -> int:
