@@ -24,8 +24,9 @@ demo: $(BIN)/.installed
 # A test process per core and one more, each test file kept in one (its module fixtures are built once): the suite
 # is mostly short training subprocesses, one thread each (tests/conftest.py), and a share of it waits (on process
 # start-up, on the SLURM scheduler), which the extra process fills (two more measured slower: 16:06 against 14:37).
-# Files start in tests/conftest.py's order.
+# Files start in tests/conftest.py's order. Ruff's lint (pyproject.toml) runs first: a second.
 test: $(BIN)/.installed
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q -n $$(( $$(nproc) + 1 )) --dist loadfile --no-loadscope-reorder
 
 # A GPU node's check (mea/tools/gpu_check.py): the CUDA suite, the benchmarks and every variant under every engine, in

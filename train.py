@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    StopFlag.hand_on()  # under submitit: it requeues the job now that the run has saved
+    StopFlag.call_earlier_handler()  # under submitit: it requeues the job now that the run has saved
     if multirun and StopFlag.received is not None:
         print(f"stopped by {signal.Signals(StopFlag.received).name} after this run saved; the same command resumes the sweep", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,14 +89,32 @@ def describe(changes: dict[str, tuple]) -> str:
     return ", ".join(f"{k}: {show(old)} recorded, {show(new)} now" for k, (old, new) in changes.items())
 
 
-def write_synced(path: Path, text: str) -> None:
-    """Write text to path atomically: a temporary file, synced, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+def write_synced(path: Path, data: str | bytes) -> None:
+    """Write path whole or not at all: a temporary file, synced, renamed over it. Every file mea publishes (a
+    summary, a fit, a report, an archive) is written by this or by copy_synced."""
+    with replaced_whole(path) as tmp, open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
-    tmp.replace(path)
+
+
+def copy_synced(source: Path, target: Path) -> None:
+    """Copy a file into place whole or not at all (it may be large: never read into memory)."""
+    with replaced_whole(target) as tmp:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def replaced_whole(path: Path):
+    """A temporary name beside path, renamed over it once the block has written it; removed if the block fails."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     sync_folder(path.parent)
 
 
@@ -196,7 +216,8 @@ class RunDirectory:
         extended = "trainer.max_steps" in changes and identity.get("scheduler.name") == "constant" and changes["trainer.max_steps"][1] > changes["trainer.max_steps"][0]
         refused = [k for k in changes if k not in amend and not (k == "trainer.max_steps" and extended)]
         if refused:
-            raise RunDirectoryError(f"{self.path} holds another run ({describe({k: changes[k] for k in refused})}); give a new hydra.run.dir, or amend this one with trainer.amend=[{','.join(refused)}]")
+            raise RunDirectoryError(f"{self.path} holds another run ({describe({k: changes[k] for k in refused})}); "
+                                    f"give a new hydra.run.dir, or amend this one with trainer.amend=[{','.join(refused)}]")
         return changes
 
     def record(self, identity: dict, changes: dict[str, tuple], step: int) -> None:

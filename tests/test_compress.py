@@ -96,7 +96,8 @@ def test_compressed_checkpoint_loads_generates_and_recovers(tmp_path):
     out = small.generate(torch.tensor([prompt]), 8, temperature=0)
     assert out.shape == (1, len(prompt) + 8) and tok.decode(out[0].tolist()).startswith("def ")
     recover = tmp_path / "recover"
-    proc = run_cli("train.py", "+experiment=recover", f"trainer.init_from={tmp_path / 'small'}", *QUICK, "trainer.max_steps=20", "trainer.eval_every=20", "trainer.checkpoint_every=0", f"hydra.run.dir={recover}")
+    proc = run_cli("train.py", "+experiment=recover", f"trainer.init_from={tmp_path / 'small'}", *QUICK, "trainer.max_steps=20", "trainer.eval_every=20",
+                    "trainer.checkpoint_every=0", f"hydra.run.dir={recover}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((tmp_path / "small" / "config.json").read_text())
     assert "kv_heads_per_layer:\n  - 4\n  - 2\n  - 2\n  - 4" in (recover / "config.yaml").read_text() and cfg["model"]["kv_heads_per_layer"] == [4, 2, 2, 4]

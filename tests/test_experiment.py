@@ -11,7 +11,7 @@ from mea.studies.init_audit import finding
 from mea.scaling.sweep import Launcher, SweepError, load_spec
 from mea.studies.archive import unpack
 from mea.studies.experiment import check, load_protocol
-from mea.studies.protocol import train_side_by_side
+from mea.studies.protocol import LocalRuns
 from mea.studies.trust import bracket_claim, held_out_table, init_table, own_bests, two_readings, verified_lrs
 
 from .conftest import QUICK, run_cli
@@ -21,6 +21,7 @@ name: micro
 out: {out}/runs
 report: {out}/results/micro.md
 baseline: mha
+claims: mea_paper
 stability_lr_max: 1.0
 previous_report: docs/results/paper_small_2026-11-25.md
 sweep:
@@ -69,6 +70,7 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
                              ("factors: [0.5, 1, 2]", "factors: [0.5, 2]", "lr_bracket.factors [0.5, 2]: give positive factors of the law's LR that include 1"),
                              ("arms: [mha, mea]}", "arms: [mha, gpt]}", "lr_bracket.arms: gpt is not one of the arms (mha, mea, mha_gqa)"),
                              ("baseline: mha", "baseline: gpt", "baseline=gpt is not one of the arms (mha, mea, mha_gqa)"),
+                             ("claims: mea_paper", "claims: other_paper", "claims=other_paper is not a study's claims; choose one of mea_paper (modules of mea/studies/claims)"),
                              ("init_checks: {settings: {llama: [model.init.scheme=llama", "init_checks: {settings: {llama: [model.init.scheme=xavier", "init_checks.settings.llama: "),
                              ("head_norm_scale=1.0]}, arms: [mha, mea]", "head_norm_scale=1.0]}, arms: [gpt]", "init_checks.arms: gpt is not one of the arms"),
                              ("kv_heads: [2]", "kv_heads: [2, 4]", "compression.kv_heads=[2, 4]: each must be from 1 to 3, below the target's 4 heads"),
@@ -141,7 +143,8 @@ def test_a_scheme_passes_the_audit_only_when_it_handicaps_no_variant_beyond_nois
 def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     from types import SimpleNamespace
 
-    from mea.studies.report import claims
+    from mea.studies.claims import Evidence
+    from mea.studies.claims.mea_paper import claims
 
     def arm(name, loss, std=0.01, seeds=3):  # three seeds at loss - std, loss, loss + std: their mean and std
         return {"variant": name, "final_val_loss": loss, "final_val_loss_std": std, "seeds": seeds, "final_val_losses": [loss - std, loss, loss + std]}
@@ -149,7 +152,7 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     rows = [arm("mha", 3.70), arm("mha_gn", 3.68), arm("mea", 3.60), arm("diff", 3.75), arm("diff_nonorm", 3.72),
             arm("mha_gqa", 3.80), arm("mea_virtual", 3.62, std=0.2)]
     lrs = {"mha": {"lr": 2e-3}, "mha_gqa": {"lr": 1e-3}}
-    said = claims(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {})
+    said = claims(Evidence(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, lrs, rows, [], {}))
     welch = difference(rows[2]["final_val_losses"], rows[0]["final_val_losses"])
     assert (f"**MEA reaches a lower validation loss than the Transformer.** Δ = -0.1000 (3 vs 3 seeds): agrees, 95% interval {welch.interval[0]:+.4f} to "
             f"{welch.interval[1]:+.4f} (Welch); {welch.seeds_to_resolve} seeds an arm resolve it.") in said
@@ -157,11 +160,23 @@ def test_each_claim_reads_its_arms_and_says_when_a_difference_is_within_noise():
     assert "Distance to mha: diff +0.0500, diff without norm +0.0200: agrees" in said[2]
     rows[4] = arm("diff_nonorm", 3.72, std=0.05)  # seeds 0.05 apart: 0.03 closer is within noise
     assert "diff without norm +0.0200: within noise (|Δ| ≤ 2 standard errors) (the loss of diff without norm is closer to" in claims(
-        SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {})[2]
+        Evidence(SimpleNamespace(baseline="mha", margin=0.01), {"groups": {}}, {}, rows, [], {}))[2]
     # 0.18 apart, but mea_virtual's seeds spread 0.2: the standard error is 0.116, so the claim is within noise
     assert ("Δ(mea_virtual − mha_gqa) = -0.1800: within noise (|Δ| ≤ 2 standard errors), 95% interval" in said[3] and "these seeds could see a Δ of" in said[3]
             and "What halving the cache costs each against its full-cache arm: "
             "mea_virtual +0.0200 against mea (within 2 standard errors); mha_gqa +0.1000 against mha (beyond 2 standard errors).") in said[3]
+
+
+def test_a_comparison_without_a_standard_error_gives_no_verdict():
+    from mea.studies.protocol import reading, verdict
+    from mea.studies.trust import side_of_noise
+
+    def one_seed(loss):
+        return {"final_val_loss": loss, "final_val_loss_std": 0.0, "seeds": 1, "final_val_losses": [loss]}
+
+    assert verdict(-0.1, 0.0) == verdict(0.1, 0.0) == verdict(-0.1, float("nan")) == side_of_noise(-0.1, 0.0) == "one seed: no noise estimate"
+    assert reading(one_seed(3.6), one_seed(3.7)) == "one seed: no noise estimate"
+    assert (verdict(-0.1, 0.01), verdict(0.1, 0.01), verdict(0.01, 0.01), side_of_noise(-0.1, 0.01)) == ("agrees", "disagrees", "within noise (|Δ| ≤ 2 standard errors)", "lower")
 
 
 def test_the_early_phase_table_tells_a_run_stuck_early_from_one_that_fell_behind_later(tmp_path):
@@ -270,7 +285,7 @@ def test_target_runs_train_side_by_side_and_one_failure_stops_none_of_the_others
     quick = [*QUICK, "trainer.max_steps=6", "trainer.eval_every=6"]
     runs = {tmp_path / "a": quick, tmp_path / "b": [*quick, "trainer.seed=1"], tmp_path / "bad": [*quick, "data=tinyshakespeare", f"data.source={tmp_path / 'absent.txt'}"]}
     with pytest.raises(SweepError, match=re.escape(f"the run {tmp_path / 'bad'} failed (exit")):
-        train_side_by_side(runs, Launcher(jobs=2))
+        LocalRuns(launcher=Launcher(jobs=2)).side_by_side(runs)
     started = {name: (tmp_path / name / ".hydra" / "overrides.yaml").stat().st_mtime for name in ("a", "b")}
     ended = {name: (tmp_path / name / "summary.json").stat().st_mtime for name in ("a", "b")}  # the failure waited for both
     assert started["a"] < ended["b"] and started["b"] < ended["a"]  # two at once
@@ -287,3 +302,25 @@ def test_a_batch_given_in_tokens_sets_the_step_counts_of_the_sweep_and_the_targe
     p = load_protocol(spec)
     assert "trainer.max_steps=16" in target_overrides(p, "mha", 1e-3, 0, [], tokens=4096)
     assert "trainer.max_steps=16" in shared_overrides(p.sweep, p.sweep.sizes[0], "mha", ["attention=mha"])
+
+
+def test_compression_readings_are_read_not_remade_from_an_archive_and_under_a_refit_one_ulp_away(tmp_path):
+    """The archive holds the readings, not the checkpoints they were read from: made again from it, or with a refit
+    LR that differs in its last digits (another machine's BLAS), the readings are read, never remade (remaking
+    them here would export a checkpoint that is not there)."""
+    from dataclasses import asdict
+
+    from mea.studies.experiment import run_compression
+
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare=tmp_path / "unused.txt"))
+    p = load_protocol(spec)
+    lr, rows = 0.0024686199159128343, [{"setting": "recorded", "val_after_conversion": 3.0}]
+    out, source = tmp_path / "compression", tmp_path / "compare-main" / "mea" / "s0"  # the source run holds no checkpoint
+    out.mkdir()
+    (out / "rows.json").write_text(json.dumps({"key": {"compression": asdict(p.compression), "lr": lr, "source": str(source)}, "rows": rows}))  # as the archive holds it
+    assert run_compression(LocalRuns(), p, out, source, [], math.nextafter(lr, 1)) == rows
+    assert run_compression(LocalRuns(archive=tmp_path / "runs.tar.xz"), p, out, source, [], 2 * lr) == rows  # from an archive: whatever its key
+    (out / "rows.json").unlink()
+    with pytest.raises(SweepError, match=re.escape(f"{tmp_path / 'runs.tar.xz'} has no compression readings (compression/rows.json)")):
+        run_compression(LocalRuns(archive=tmp_path / "runs.tar.xz"), p, out, source, [], lr)

@@ -15,7 +15,7 @@ from mea.tools.compare import best_runs
 from mea.studies.report import largest_size_runs
 from mea.run_directory import RunDirectory
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
-from mea.scaling.sweep import Launcher, at_largest_size, best_by_arm, load_spec, read_results, run_sweep, trained
+from mea.scaling.sweep import Launcher, at_largest_size, best_by_arm, load_spec, read_results, run_sweep, not_diverged
 
 from .conftest import run_cli, started
 
@@ -146,7 +146,7 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
     assert set(rows[0]) == {"variant", "size", "params", "non_embedding_params", "layers", "width", "tokens", "batch_tokens", "lr", "seed",
                             "final_train_loss", "final_val_loss", "diverged", "wall_time_s", "run_dir"}
     largest = [r for r in rows if r["size"] == "w64" and r["diverged"] != "True"]
-    best = best_by_arm(at_largest_size(trained(read_results(tmp_path / "out" / "results.csv"))))
+    best = best_by_arm(at_largest_size(not_diverged(read_results(tmp_path / "out" / "results.csv"))))
     assert best["mea"] == min(largest, key=lambda r: float(r["final_train_loss"]))
     assert best_runs(tmp_path / "out" / "results.csv") == [Path(best["mea"]["run_dir"])]
     spec.write_text(spec.read_text().replace("trainer.log_every=4", "trainer.log_every=2"))
@@ -180,7 +180,7 @@ def test_results_readers_take_each_arms_best_trained_run_at_the_largest_size(tmp
         row("mha", "big", 5000, 0.001, 3.0), row("mha", "big", 5000, 0.003, 2.8), row("mha", "big", 5000, 0.01, 1.0, diverged=True),
         row("mea", "big", 5032, 0.003, 2.9), row("mea", "big", 5032, 0.01, 2.7),
     ])
-    best = best_by_arm(at_largest_size(trained(read_results(path))))
+    best = best_by_arm(at_largest_size(not_diverged(read_results(path))))
     assert {arm: (r["size"], r["lr"]) for arm, r in best.items()} == {"mha": ("big", "0.003"), "mea": ("big", "0.01")}
     assert best_runs(path) == [Path("/runs/big/mha/0.003"), Path("/runs/big/mea/0.01")]
     assert sorted(largest_size_runs(path, None)["mha"]) == [0.001, 0.003, 0.01]

@@ -190,7 +190,8 @@ def test_a_non_finite_loss_skips_the_step(tmp_path):
 
 
 def test_diverging_run_stops_after_k_bad_steps(tmp_path):
-    proc = run_cli("train.py", *QUICK, "optim.lr=1e9", "optim.grad_clip=1e9", "scheduler=constant", "scheduler.warmup_steps=1", "trainer.max_steps=100", "trainer.max_bad_steps=3", f"hydra.run.dir={tmp_path}")
+    proc = run_cli("train.py", *QUICK, "optim.lr=1e9", "optim.grad_clip=1e9", "scheduler=constant", "scheduler.warmup_steps=1", "trainer.max_steps=100",
+                   "trainer.max_bad_steps=3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]  # after the progress bar, one line
     assert last.startswith("error: the loss was not finite for 3 steps in a row") and "lower optim.lr" in last
@@ -228,7 +229,8 @@ def test_bad_trainer_settings_fail_before_compute(overrides, message, tmp_path):
 
 def test_a_bad_setting_exits_in_one_line_before_compute(tmp_path):
     proc = run_cli("train.py", *QUICK, "trainer.resume_from=/nonexistent/ckpt", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: trainer.resume_from='/nonexistent/ckpt' is not a checkpoint folder (no trainer_state.json); give a <run_dir>/checkpoints/step-* folder"], proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: trainer.resume_from='/nonexistent/ckpt' is not a checkpoint folder (no trainer_state.json); give a <run_dir>/checkpoints/step-* folder"], proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -276,7 +278,8 @@ def test_bf16_on_cpu_runs_under_autocast_and_tracks_fp32(tmp_path):
     mixed-precision path): not bitwise the fp32 run, within 1% of its loss at each of 6 steps. One Hydra multirun
     trains the ten runs in one process. Few steps: without AVX-512 a CPU's bf16 matmul is 10-25x slower than fp32
     (56 ms against 5.3 ms for 512x64 by 64x2048 here; a tha run of 20 steps 37 s against 11 s)."""
-    proc = run_cli("train.py", "-m", *QUICK, "trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=0", f"attention={','.join(VARIANTS)}", "trainer.precision=fp32,bf16", f"hydra.sweep.dir={tmp_path}",
+    proc = run_cli("train.py", "-m", *QUICK, "trainer.max_steps=6", "trainer.log_every=1", "trainer.checkpoint_every=0", f"attention={','.join(VARIANTS)}", "trainer.precision=fp32,bf16",
+                   f"hydra.sweep.dir={tmp_path}",
                    "hydra.sweep.subdir=${attention.name}-${trainer.precision}", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for variant in VARIANTS:

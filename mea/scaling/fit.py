@@ -12,11 +12,29 @@ import csv
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mea.run_directory import write_synced
+
 from .laws import FitError, fit_loss_law, fit_power_law, lr_optimum, optimum_samples
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Which columns of the CSV a fit reads, and how it fits them (mea-fit's options, by the same names)."""
+    n_col: str = "non_embedding_params"
+    d_col: str = "tokens"
+    lr_col: str = "lr"
+    loss_col: str = "final_train_loss"
+    group_col: str = "variant"
+    bootstrap: int = 50
+    seed: int = 0
+    margin: float = 0.01  # lr-law: loss margin of the sensitivity width (relative)
+    targets: tuple[str, ...] = ()  # lr-law: model presets or parameter counts to predict η* for
+    target_tokens: float | None = None  # lr-law: the targets' token budget, where η* depends on D
 
 
 def read_columns(path: Path, needed: dict[str, str], optional: dict[str, str] | None = None) -> dict[str, np.ndarray]:
@@ -71,7 +89,7 @@ def cell_label(group: str, n: float, d: float | None) -> str:
     return f"{group}, N={n:.3g}" + (f", D={d:.3g}" if d is not None else "")
 
 
-def fit_cells(cols: dict[str, np.ndarray], rows: np.ndarray, diverged: np.ndarray, group: str, args: argparse.Namespace, messages: list[str]) -> list[dict]:
+def fit_cells(cols: dict[str, np.ndarray], rows: np.ndarray, diverged: np.ndarray, group: str, settings: FitSettings, messages: list[str]) -> list[dict]:
     """One LR optimum per (N, D) cell of the group's rows: its runs, at one size and one token budget, are never
     pooled with another budget's. A cell that yields no optimum keeps its reason and the others go on."""
     budgets = cols["d"] if "d" in cols else np.full(len(cols["n"]), math.nan)
@@ -83,8 +101,9 @@ def fit_cells(cols: dict[str, np.ndarray], rows: np.ndarray, diverged: np.ndarra
         points = sorted(zip(cols["lr"][ok].tolist(), cols["loss"][ok].tolist()))  # kept so that every plot of the fit shows what it was fitted to
         cell = {"n": n, **({"d": d} if d is not None else {}), "runs": int(at.sum()), "points": points, "diverged_lrs": sorted({float(x) for x in cols["lr"][at & diverged]})}
         try:
-            opt = lr_optimum(cols["lr"][ok], cols["loss"][ok], cell_label(group, n, d), n_boot=args.bootstrap, seed=args.seed)
-            cell |= {"lr": opt.lr, "lr_ci": opt.ci, "loss": opt.loss, "coeffs": list(map(float, opt.coeffs)), "fitted_lrs": list(opt.fitted), "sensitivity_decades": opt.sensitivity_width(args.margin), "_opt": opt}
+            opt = lr_optimum(cols["lr"][ok], cols["loss"][ok], cell_label(group, n, d), n_boot=settings.bootstrap, seed=settings.seed)
+            cell |= {"lr": opt.lr, "lr_ci": opt.ci, "loss": opt.loss, "coeffs": list(map(float, opt.coeffs)), "fitted_lrs": list(opt.fitted),
+                     "sensitivity_decades": opt.sensitivity_width(settings.margin), "_opt": opt}
         except FitError as e:
             cell["message"] = str(e)
             messages.append(str(e))
@@ -128,20 +147,22 @@ def fit_law(cells: list[dict], group: str, targets: list[tuple[str, float]], tar
     return out
 
 
-def lr_law(args: argparse.Namespace) -> dict:
-    cols = read_columns(args.csv, {"n": args.n_col, "lr": args.lr_col, "loss": args.loss_col}, {"group": args.group_col, "d": args.d_col, "diverged": "diverged"})
+def lr_law(csv_path: Path, settings: FitSettings = FitSettings()) -> dict:
+    """η* per cell and the LR law per group, with predictions at the targets; FitError where no law fits."""
+    cols = read_columns(csv_path, {"n": settings.n_col, "lr": settings.lr_col, "loss": settings.loss_col},
+                        {"group": settings.group_col, "d": settings.d_col, "diverged": "diverged"})
     groups = cols.get("group", np.array(["all"] * len(cols["n"])))
     diverged = np.isin(cols.get("diverged", np.array(["False"] * len(groups))), ["True", "true", "1"]) | ~np.isfinite(cols["loss"])
-    targets = [parse_target(t) for t in args.target]
-    if targets and args.target_tokens is None and "d" in cols and len(set(zip(cols["n"], cols["d"]))) > len(set(cols["n"])):
-        raise FitError(f"{args.csv}: some sizes were trained at several token budgets, so η* depends on D; give --target-tokens with --target")
-    rng = np.random.default_rng(args.seed)
-    report: dict = {"kind": "lr-law", "loss": args.loss_col, "margin": args.margin, "groups": {}, "messages": []}
+    targets = [parse_target(t) for t in settings.targets]
+    if targets and settings.target_tokens is None and "d" in cols and len(set(zip(cols["n"], cols["d"]))) > len(set(cols["n"])):
+        raise FitError(f"{csv_path}: some sizes were trained at several token budgets, so η* depends on D; give --target-tokens with --target")
+    rng = np.random.default_rng(settings.seed)
+    report: dict = {"kind": "lr-law", "loss": settings.loss_col, "margin": settings.margin, "groups": {}, "messages": []}
     for group in sorted(set(groups)):
-        cells = fit_cells(cols, groups == group, diverged, group, args, report["messages"])
+        cells = fit_cells(cols, groups == group, diverged, group, settings, report["messages"])
         out = {"cells": cells}
         try:
-            out |= fit_law(cells, group, targets, args.target_tokens, args.bootstrap, rng)
+            out |= fit_law(cells, group, targets, settings.target_tokens, settings.bootstrap, rng)
         except FitError as e:
             out["message"] = str(e)
             report["messages"].append(str(e))
@@ -151,19 +172,19 @@ def lr_law(args: argparse.Namespace) -> dict:
     return report
 
 
-def loss_law(args: argparse.Namespace) -> dict:
-    cols = read_columns(args.csv, {"n": args.n_col, "d": args.d_col, "loss": args.loss_col})
+def loss_law(csv_path: Path, settings: FitSettings = FitSettings()) -> dict:
+    cols = read_columns(csv_path, {"n": settings.n_col, "d": settings.d_col, "loss": settings.loss_col})
     ok = np.isfinite(cols["loss"])
-    law = fit_loss_law(cols["n"][ok], cols["d"][ok], cols["loss"][ok], n_boot=args.bootstrap, seed=args.seed)
+    law = fit_loss_law(cols["n"][ok], cols["d"][ok], cols["loss"][ok], n_boot=settings.bootstrap, seed=settings.seed)
     return {"kind": "loss-law", "E": law.E, "A": law.A, "B": law.B, "alpha": law.alpha, "beta": law.beta, "ci": law.ci, "_law": law, "_data": cols}
 
 
-def public(obj):
-    """The report without the objects kept for plotting."""
+def json_ready(obj):
+    """The report as fit.json holds it: without the objects kept for plotting, in JSON's own types."""
     if isinstance(obj, dict):
-        return {str(k): public(v) for k, v in obj.items() if not str(k).startswith("_")}
+        return {str(k): json_ready(v) for k, v in obj.items() if not str(k).startswith("_")}
     if isinstance(obj, (list, tuple)):
-        return [public(v) for v in obj]
+        return [json_ready(v) for v in obj]
     return float(obj) if isinstance(obj, np.floating) else obj
 
 
@@ -176,7 +197,7 @@ def write_lr_configs(report: dict, folder: Path) -> list[Path]:
             path = folder / f"{group}_{name}.yaml"
             lo, hi = pred["lr_ci"]
             at = f"N = {pred['n']:.4g}" + (f", D = {pred['d']:.4g}" if "d" in pred else "")
-            path.write_text(f"# @package _global_\n# {pred['law']} for {group} at {at} (95% interval {lo:.3g} to {hi:.3g})\noptim:\n  lr: {pred['lr']:.6g}\n")
+            write_synced(path, f"# @package _global_\n# {pred['law']} for {group} at {at} (95% interval {lo:.3g} to {hi:.3g})\noptim:\n  lr: {pred['lr']:.6g}\n")
             written.append(path)
     return written
 
@@ -192,7 +213,8 @@ def render_markdown(report: dict) -> str:
         for c in out["cells"]:
             budget = f"{c['d']:.3g}" if "d" in c else "–"
             if "lr" in c:
-                lines.append(f"| {group} | {c['n']:.3g} | {budget} | {c['runs']} | {c['lr']:.3g} | {c['lr_ci'][0]:.3g} – {c['lr_ci'][1]:.3g} | {c['loss']:.4f} | {c['sensitivity_decades']:.2f} | {len(c['diverged_lrs'])} diverged |")
+                lines.append(f"| {group} | {c['n']:.3g} | {budget} | {c['runs']} | {c['lr']:.3g} | {c['lr_ci'][0]:.3g} – {c['lr_ci'][1]:.3g} | "
+                             f"{c['loss']:.4f} | {c['sensitivity_decades']:.2f} | {len(c['diverged_lrs'])} diverged |")
             else:
                 lines.append(f"| {group} | {c['n']:.3g} | {budget} | {c['runs']} | – | – | – | – | not fitted: {c['message']} |")
     lines += ["", "| group | law | exponents (95% interval) | predictions |", "|---|---|---|---|"]
@@ -229,26 +251,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_fit(report: dict, out: Path, lr_conf_dir: Path | None) -> list[Path]:
+    """fit.json, fit.md and the plots in out, and an lr-law's Hydra fragments in lr_conf_dir: what was written."""
+    from .plots import plot_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_report(report, out)
+    written = write_lr_configs(report, lr_conf_dir) if report["kind"] == "lr-law" and lr_conf_dir is not None else []
+    write_synced(out / "fit.json", json.dumps(json_ready(report), indent=1))
+    write_synced(out / "fit.md", render_markdown(json_ready(report)))
+    return [out / "fit.json", out / "fit.md", *plots, *written]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    settings = FitSettings(n_col=args.n_col, d_col=args.d_col, lr_col=args.lr_col, loss_col=args.loss_col, group_col=args.group_col, bootstrap=args.bootstrap,
+                           seed=args.seed, margin=args.margin, targets=tuple(args.target), target_tokens=args.target_tokens)
     try:
-        report = lr_law(args) if args.command == "lr-law" else loss_law(args)
+        report = lr_law(args.csv, settings) if args.command == "lr-law" else loss_law(args.csv, settings)
     except FitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    args.out.mkdir(parents=True, exist_ok=True)
-    from .plots import plot_report
-
-    plots = plot_report(report, args.out)
-    written = write_lr_configs(report, args.lr_conf_dir) if args.command == "lr-law" else []
-    tmp = args.out / "fit.json.tmp"
-    tmp.write_text(json.dumps(public(report), indent=1))
-    tmp.replace(args.out / "fit.json")
-    (args.out / "fit.md").write_text(render_markdown(public(report)))
+    written = write_fit(report, args.out, args.lr_conf_dir)
     for message in report.get("messages", []):
         print(f"warning: {message}", file=sys.stderr)
-    print(render_markdown(public(report)))
-    print(f"wrote {args.out / 'fit.json'}, {args.out / 'fit.md'}, " + ", ".join(str(p) for p in plots + written))
+    print(render_markdown(json_ready(report)))
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

@@ -84,9 +84,11 @@ def lr_optimum(lrs: np.ndarray, losses: np.ndarray, label: str, window: int = 2,
     # these runs.
     step = np.log(grid[best + 1] / grid[best - 1]) - min(np.log(grid[best] / grid[best - 1]), np.log(grid[best + 1] / grid[best]))
     if abs(x_star - math.log(grid[best])) > step:
-        raise FitError(f"{label}: the fitted optimum {math.exp(x_star):.3g} lies more than a grid step from the best LR, {grid[best]:.3g}, outside the LRs that bracket it (a lopsided or noisy curve); add LRs or seeds near it")
+        raise FitError(f"{label}: the fitted optimum {math.exp(x_star):.3g} lies more than a grid step from the best LR, {grid[best]:.3g}, "
+                       "outside the LRs that bracket it (a lopsided or noisy curve); add LRs or seeds near it")
     if not loss_star > max(0.0, means[best] - rise):
-        raise FitError(f"{label}: the fitted loss at the optimum, {loss_star:.4g}, is far below every loss seen near it ({means[best]:.4g}–{means[best] + rise:.4g}); add LRs or seeds near {grid[best]:.3g}")
+        raise FitError(f"{label}: the fitted loss at the optimum, {loss_star:.4g}, is far below every loss seen near it "
+                       f"({means[best]:.4g}–{means[best] + rise:.4g}); add LRs or seeds near {grid[best]:.3g}")
     # Three runs fix the parabola exactly, so resampling them cannot move it and would give a zero-width interval;
     # what they do say, by convexity, is that the optimum lies between the best LR's neighbours.
     bracket = (math.log(grid[best - 1]), math.log(grid[best + 1]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mea.config import ConfigError, batch_plan, compose_config, load_config
-from mea.run_directory import RunDirectory, describe, identity_of
+from mea.run_directory import RunDirectory, describe, identity_of, write_synced
 from mea.runs import metrics_rows
 from mea.train.loop import resolve
 
@@ -222,12 +223,11 @@ def collect(out: Path, plans: dict[RunDirectory, dict]) -> Path:
     """results.csv from the spec's finished runs that hold the identity it asks, written atomically."""
     rows = [result_row(run.path) for run, identity in sorted(plans.items(), key=lambda item: item[0].path) if run.holds(identity)]
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"results.csv.{os.getpid()}.tmp"  # sizes run side by side (--size) collect at the same time
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(out / "results.csv")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_synced(out / "results.csv", table.getvalue())  # its temporary name is the process's own: sizes run side by side (--size) collect at once
     return out / "results.csv"
 
 
@@ -240,7 +240,7 @@ def read_results(*paths: Path) -> list[dict]:
     return rows
 
 
-def trained(rows: list[dict]) -> list[dict]:
+def not_diverged(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["diverged"] != "True"]
 
 

@@ -15,6 +15,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from mea.run_directory import write_synced
 from mea.scaling.sweep import SweepError
 
 RUN_FILES = ("config.yaml", "identity.json", "summary.json", "metrics.jsonl", ".hydra/overrides.yaml")
@@ -39,9 +40,7 @@ def pack(out: Path, archive: Path) -> Path:
             info = tarfile.TarInfo(name.as_posix())
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
-    tmp = archive.with_name(archive.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(archive)
+    write_synced(archive, buffer.getvalue())
     return archive
 
 
@@ -65,7 +64,7 @@ def unpack(archive: Path, out: Path) -> None:
     partial.rename(out)
 
 
-def made(out: Path, archive: Path) -> dict:
+def sitting_of_archive(out: Path, archive: Path) -> dict:
     """The archive's record of where and when the report was made (out unpacked from it)."""
     path = out / "made.json"
     if not path.is_file():

@@ -25,21 +25,32 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mea.eval.perplexity import EVAL_WINDOWS, evaluate
 from mea.config import batch_plan
+from mea.eval.perplexity import EVAL_WINDOWS, evaluate
 from mea.models import LM, parameter_counts
 from mea.models.attention.mha import MHAConfig
 from mea.pretrained import load_pretrained
+from mea.run_directory import write_synced
 from mea.scaling.effects import check_factors, lr_bracket
-from mea.scaling.fit import lr_law, parse, public
-from mea.scaling.fit import main as fit_main
+from mea.scaling.fit import FitSettings, json_ready, lr_law, write_fit
 from mea.scaling.laws import FitError
-from mea.scaling.sweep import SweepError, SweepSpec, at_largest_size, best_by_arm, compose_run, load_spec, read_results, run_sweep, trained
-from mea.studies import protocol
-from mea.studies.archive import made, pack, unpack
+from mea.scaling.sweep import (
+    SweepError,
+    SweepSpec,
+    SweepStopped,
+    at_largest_size,
+    best_by_arm,
+    compose_run,
+    load_spec,
+    not_diverged,
+    read_results,
+    run_sweep,
+)
+from mea.studies.archive import pack, sitting_of_archive, unpack
+from mea.studies.claims import check_claims
 from mea.studies.init_audit import REFERENCE, finding
-from mea.studies.protocol import train, train_side_by_side
-from mea.studies.report import Findings, write_report
+from mea.studies.protocol import LocalRuns
+from mea.studies.report import Findings, check_previous_report, write_report
 from mea.studies.trust import verified_lrs
 from mea.tools.compare import compare
 from mea.tools.compress import CONVERTIBLE, compress, parse_layers, write_compressed
@@ -111,6 +122,7 @@ class Protocol:
     lr_bracket: LRBracket = field(default_factory=LRBracket)
     init_checks: InitChecks = field(default_factory=InitChecks)
     init_audit: str = ""  # the init audit's spec: its finding, read from its runs, opens "What changed"
+    claims: str = ""  # the study whose claims the report reads against the runs (a module of mea/studies/claims); none: no claims
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
     spec: str = ""  # the file it was read from, for the report's command line
@@ -141,12 +153,12 @@ def seed_runs(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], da
     return {root / f"s{seed}": target_overrides(p, arm, lr, seed, data, tokens, group) for seed in seeds}
 
 
-def train_seeds(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> list[Path]:
+def train_seeds(runs: LocalRuns, p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> list[Path]:
     """One from-scratch run of the arm per seed, in root/s<seed>; their directories."""
-    runs = seed_runs(p, root, arm, lr, seeds, data, tokens, group)
-    for run_dir, overrides in runs.items():
-        train(run_dir, overrides)
-    return list(runs)
+    seeds_of_arm = seed_runs(p, root, arm, lr, seeds, data, tokens, group)
+    for run_dir, overrides in seeds_of_arm.items():
+        runs.train(run_dir, overrides)
+    return list(seeds_of_arm)
 
 
 def corpora(p: Protocol) -> dict[str, tuple[list[str], list[int], int]]:
@@ -174,14 +186,14 @@ def laws_by_validation_loss(results: Path, n_target: float, margin: float) -> di
     """The sweep's LR laws fitted to the final validation loss instead of the training loss (to check that the
     loss picking the LR does not move the optimum); the reason where none fits."""
     try:
-        return public(lr_law(parse(["lr-law", str(results), "--out", "-", "--loss-col", "final_val_loss", "--target", f"{n_target:g}", "--margin", str(margin)])))
+        return json_ready(lr_law(results, FitSettings(loss_col="final_val_loss", targets=(f"{n_target:g}",), margin=margin)))
     except FitError as e:
         return {"groups": {}, "messages": [str(e)]}
 
 
 def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
     """Each arm's LR for the target: its law's prediction, else its best swept LR at the largest size (said so)."""
-    rows = trained(read_results(results))
+    rows = not_diverged(read_results(results))
     out = {}
     for arm in p.sweep.arm_overrides():
         law = fit["groups"].get(arm, {})
@@ -197,19 +209,19 @@ def chosen_lrs(p: Protocol, fit: dict, results: Path) -> dict[str, dict]:
     return out
 
 
-def lr_brackets(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict]:
+def lr_brackets(runs: LocalRuns, p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict]:
     """Each bracketed arm's runs at the target (the first seed): the law's LR, the factors run, their final
     validation losses and their reading, extended once past an edge where the best lay there (the arms'
     extensions side by side)."""
     seed = p.target.seeds[0]
-    readings = {arm: bracket_reading(p, out, arm, lrs[arm]["lr"], sorted(p.lr_bracket.factors), seed) for arm in bracketed(p, lrs)}
+    readings = {arm: bracket_reading(runs, p, out, arm, lrs[arm]["lr"], sorted(p.lr_bracket.factors), seed) for arm in bracketed(p, lrs)}
     extended = {arm: sorted([*r["factors"], r["bracket"].next_factor]) for arm, r in readings.items() if r["bracket"].extend is not None}
-    train_side_by_side(dict(bracket_run(p, out, arm, lrs[arm]["lr"], factor, seed) for arm, factors in extended.items() for factor in factors))
-    return readings | {arm: bracket_reading(p, out, arm, lrs[arm]["lr"], factors, seed) for arm, factors in extended.items()}
+    runs.side_by_side(dict(bracket_run(p, out, arm, lrs[arm]["lr"], factor, seed) for arm, factors in extended.items() for factor in factors))
+    return readings | {arm: bracket_reading(runs, p, out, arm, lrs[arm]["lr"], factors, seed) for arm, factors in extended.items()}
 
 
-def bracket_reading(p: Protocol, out: Path, arm: str, law_lr: float, factors: list[float], seed: int) -> dict:
-    losses = [bracket_loss(p, out, arm, law_lr, factor, seed) for factor in factors]
+def bracket_reading(runs: LocalRuns, p: Protocol, out: Path, arm: str, law_lr: float, factors: list[float], seed: int) -> dict:
+    losses = [bracket_loss(runs, p, out, arm, law_lr, factor, seed) for factor in factors]
     return {"law_lr": law_lr, "factors": factors, "losses": losses, "bracket": lr_bracket(law_lr, factors, losses)}
 
 
@@ -235,9 +247,9 @@ def first_bracket_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[Pat
     return dict(bracket_run(p, out, arm, lrs[arm]["lr"], factor, p.target.seeds[0]) for arm in bracketed(p, lrs) for factor in p.lr_bracket.factors)
 
 
-def bracket_loss(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> float:
+def bracket_loss(runs: LocalRuns, p: Protocol, out: Path, arm: str, law_lr: float, factor: float, seed: int) -> float:
     """The final validation loss at law_lr × factor (NaN if it diverged)."""
-    summary = train(*bracket_run(p, out, arm, law_lr, factor, seed))
+    summary = runs.train(*bracket_run(p, out, arm, law_lr, factor, seed))
     return math.nan if summary.get("diverged") else summary["final_val_loss"]
 
 
@@ -248,11 +260,11 @@ def init_check_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[tuple[
             for arm in checked_arms(p.init_checks.arms, lrs, bool(p.init_checks.settings)) for name, overrides in p.init_checks.settings.items()}
 
 
-def init_checks(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict[str, float]]:
+def init_checks(runs: LocalRuns, p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[str, dict[str, float]]:
     """arm -> init setting -> the final validation loss of one run at the target (NaN if it diverged)."""
     checks = {}
     for (arm, name), run in init_check_runs(p, out, lrs).items():
-        summary = train(*run)
+        summary = runs.train(*run)
         checks.setdefault(arm, {})[name] = math.nan if summary.get("diverged") else summary["final_val_loss"]
     return checks
 
@@ -267,16 +279,20 @@ def decode_ms(model: LM, batch: int = 4, prompt: int = 256, tokens: int = 32) ->
     return (time.perf_counter() - start) / tokens * 1e3
 
 
-def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str], lr: float) -> list[dict]:
+def run_compression(runs: LocalRuns, p: Protocol, out: Path, source_run: Path, common: list[str], lr: float) -> list[dict]:
     """Convert the target-size run to G stored heads per layer set, recover by continued pretraining, measure.
 
     The uncompressed model gets the same continued pretraining as a control: rewarming the LR after the end of a
     schedule costs loss by itself, and further tokens gain some, so recovery is read against that control.
     """
     readings = out / "rows.json"  # kept (and archived): they are read from checkpoints, which a report's archive does not hold
-    key = {"compression": asdict(p.compression), "lr": lr, "source": str(source_run)}
-    if readings.is_file() and (kept := json.loads(readings.read_text()))["key"] == key:
-        return kept["rows"]
+    key = {"compression": asdict(p.compression), "lr": f"{lr:.6g}", "source": str(source_run)}  # the LR as the runs are given it, not its last digits
+    if readings.is_file():
+        kept = json.loads(readings.read_text())
+        if runs.archive is not None or kept["key"] | {"lr": f"{float(kept['key']['lr']):.6g}"} == key:  # from an archive: what it recorded is read, not remade
+            return kept["rows"]
+    if runs.archive is not None:
+        raise SweepError(f"{runs.archive} has no compression readings (compression/rows.json): it was not written by mea-experiment; give the runs.tar.xz beside a published report")
     data = [o for o in common if o.startswith("data")]
     exported = out / "exported"
     if not (exported / "config.json").is_file():
@@ -288,7 +304,7 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
     same_windows = f"trainer.eval_batches={max(1, EVAL_WINDOWS // global_batch)}"  # the recovery curve on mea-eval's windows
 
     def recover(name: str, folder: Path) -> float:
-        train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
+        runs.train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
                                         f"trainer.eval_every={max(1, recover_steps // 5)}", same_windows, f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
                                         f"arm={p.compression.arm}-{name}", f"scheduler.warmup_steps={max(1, round(p.compression.warmup_share * recover_steps))}"])
         recovered = out / f"{name}-recovered"
@@ -308,9 +324,7 @@ def run_compression(p: Protocol, out: Path, source_run: Path, common: list[str],
             rows.append({"setting": f"G = {G} of {full.cfg.n_heads}, {name} layers", "val_after_conversion": evaluate(folder, data)["val_loss"],
                          "val_after_recovery": recover(f"kv{G}-{name}", folder), "kv_bytes_per_token": kv_bytes_per_token(compressed.cfg, 2),
                          "decode_ms": decode_ms(compressed), "recover_steps": recover_steps, "run": f"kv{G}-{name}-recover"})
-    tmp = readings.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
-    tmp.replace(readings)
+    write_synced(readings, json.dumps({"key": key, "rows": rows}, indent=1))
     return rows
 
 
@@ -335,6 +349,10 @@ def check(p: Protocol) -> None:
     for key in ("previous_report", "init_audit"):
         if getattr(p, key) and not Path(getattr(p, key)).is_file():
             raise SweepError(f"{key}={getattr(p, key)} does not exist; give an existing file or leave {key} out")
+    if p.previous_report:
+        check_previous_report(Path(p.previous_report))
+    if why := check_claims(p.claims):
+        raise SweepError(why)
     arms = p.sweep.arm_overrides()
     if p.baseline not in arms:
         raise SweepError(f"baseline={p.baseline} is not one of the arms ({', '.join(arms)}); name the arm the others are compared with")
@@ -371,40 +389,38 @@ def run(p: Protocol, archive: Path | None = None, resume_from: Path | None = Non
     started = time.perf_counter()
     out = Path(p.out)
     check(p)
-    if archive is not None:
-        unpack(archive, out)
-        protocol.ARCHIVE = archive
-    if resume_from is not None:
-        unpack(resume_from, out)
+    for given in (archive, resume_from):
+        if given is not None:
+            unpack(given, out)
+    runs = LocalRuns(archive)
     results = run_sweep(p.sweep, collect_only=archive is not None)
     stability = stability_probe(p, out, collect_only=archive is not None)
 
-    fit_dir = out / "fit"
     n_target = target_size(p)
-    fit_main(["lr-law", str(results), "--out", str(fit_dir), "--target", f"{n_target:g}", "--lr-conf-dir", str(out / "lr"), "--margin", str(p.margin)])
-    fit = json.loads((fit_dir / "fit.json").read_text())
+    fitted = lr_law(results, FitSettings(targets=(f"{n_target:g}",), margin=p.margin))
+    write_fit(fitted, out / "fit", out / "lr")
+    fit = json_ready(fitted)
     fit_val = laws_by_validation_loss(results, n_target, p.margin)
     lrs = chosen_lrs(p, fit, results)
     # the runs the laws' LRs settle are trained side by side first; the readings below then find them finished
-    train_side_by_side(first_bracket_runs(p, out, lrs) | (target_runs(p, out, lrs) if p.lr_bracket.train_at == "law" else {}))
-    brackets = lr_brackets(p, out, lrs)
+    runs.side_by_side(first_bracket_runs(p, out, lrs) | (target_runs(p, out, lrs) if p.lr_bracket.train_at == "law" else {}))
+    brackets = lr_brackets(runs, p, out, lrs)
     if p.lr_bracket.train_at == "verified":
         lrs = verified_lrs(lrs, brackets)
-    train_side_by_side(target_runs(p, out, lrs))
+    runs.side_by_side(target_runs(p, out, lrs))
     comparisons = {}
     for corpus, (data, seeds, tokens) in corpora(p).items():
-        dirs = [d for arm, chosen in lrs.items() for d in train_seeds(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)]
+        dirs = [d for arm, chosen in lrs.items() for d in train_seeds(runs, p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)]
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
-    inits = init_checks(p, out, lrs)
-    common = [*p.sweep.overrides, *p.target.overrides]
+    inits = init_checks(runs, p, out, lrs)
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
-    compression = run_compression(p, out / "compression", source, common, lrs[p.compression.arm]["lr"])
+    compression = run_compression(runs, p, out / "compression", source, [*p.sweep.overrides, *p.target.overrides], lrs[p.compression.arm]["lr"])
     findings = Findings(fit, fit_val, lrs, comparisons, brackets, inits, compression, results, stability, n_target)
     report = Path(p.report)
     if archive is not None:
-        return write_report(p, findings, made(out, archive), report)
+        return write_report(p, findings, sitting_of_archive(out, archive), report)
     sitting = made_now(p, time.perf_counter() - started)
-    (out / "made.json").write_text(json.dumps(sitting, indent=1))
+    write_synced(out / "made.json", json.dumps(sitting, indent=1))
     write_report(p, findings, sitting, report)
     pack(out, report.with_suffix("") / "runs.tar.xz")
     return report
@@ -431,12 +447,16 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-archive", type=Path, metavar="RUNS_TAR_XZ", help="make the report again from a published report's runs.tar.xz alone, training nothing")
     source.add_argument("--pack", type=Path, metavar="RUNS_TAR_XZ", help="write the sitting's finished runs so far to one file, training nothing (to carry on elsewhere with --resume-from)")
-    source.add_argument("--resume-from", type=Path, metavar="RUNS_TAR_XZ", help="start from an archive's finished runs (--pack's, or a report's) in an empty run folder, and train what the spec still lacks")
+    source.add_argument("--resume-from", type=Path, metavar="RUNS_TAR_XZ", 
+                        help="start from an archive's finished runs (--pack's, or a report's) in an empty run folder, and train what the spec still lacks")
     args = parser.parse_args(argv)
     try:
         protocol_spec = load_protocol(args.spec)
         path = pack_sitting(protocol_spec, args.pack) if args.pack else run(protocol_spec, args.from_archive, args.resume_from)
-    except SweepError as e:
+    except SweepStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except (SweepError, FitError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path} ({platform.node()})")

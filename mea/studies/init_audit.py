@@ -36,13 +36,12 @@ from mea.models.attention.base import HeadNorm, HeadShape
 from mea.models.dynamics import measure
 from mea.models.init import InitConfig
 from mea.plotting import panels, plt, save_figure
+from mea.run_directory import write_synced
 from mea.runs import read_run
 from mea.scaling.plots import LINESTYLES
-from mea.scaling.sweep import SweepError, SweepSpec, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, trained
-from mea.studies.protocol import train
+from mea.scaling.sweep import SweepError, SweepSpec, compose_run, load_spec, lr_grid, read_results, run_sweep, shared_overrides, not_diverged
+from mea.studies.protocol import LocalRuns
 from mea.tools.compare import DYNAMICS_NOTE, plot_dynamics
-
-
 
 REFERENCE = "gpt2, head_norm_scale=1"  # the default init before the audit
 
@@ -67,7 +66,7 @@ def audit_rows(results: Path) -> tuple[list[dict], dict[str, InitConfig]]:
     no head-norm run names one that differs from it in the head-norm scale alone: its config carries whatever scale
     was the default when it ran, which its model never used."""
     rows, settings, without_head_norm = [], {}, {}
-    for r in trained(read_results(results)):
+    for r in not_diverged(read_results(results)):
         cfg = load_config(Path(r["run_dir"]) / "config.yaml")
         head_norm = has_head_norm(cfg.attention.name)
         (settings if head_norm else without_head_norm)[init_label(cfg.model.init)] = cfg.model.init
@@ -107,7 +106,7 @@ def seed_runs(spec: SweepSpec, rows: list[dict], seeds: list[int], out: Path, ar
         for seed in seeds:
             run_dir = out / "seeds" / size.label / arm / f"s{seed}"
             if train_missing:
-                train(run_dir, [*shared, f"optim.lr={best['lr']}", f"trainer.seed={seed}", f"trainer.eval_every={max(1, steps // 10)}"])
+                LocalRuns().train(run_dir, [*shared, f"optim.lr={best['lr']}", f"trainer.seed={seed}", f"trainer.eval_every={max(1, steps // 10)}"])
             if (run_dir / "summary.json").is_file():
                 runs[arm].append(run_dir)
     return runs
@@ -193,6 +192,26 @@ def plot_lr_curves(rows: list[dict], sizes: list[str], out: Path) -> Path:
     return save_figure(fig, out / "lr_curves")
 
 
+def size_table(size: str, best: dict, settings: dict[str, InitConfig], variants: list[str], reference: str, grid: list[float]) -> list[str]:
+    """One size's table: each variant's best validation loss over the LR grid under each setting (seed 0)."""
+    lines = ["", f"## {size}: best validation loss over the LR grid (seed 0)", "",
+             "| variant | " + " | ".join(settings) + f" | best − {reference} |", "|---|" + "---|" * (len(settings) + 1)]
+    for variant in variants:
+        cells = {s: best.get((size, variant, s)) for s in settings}
+        top = min((c["loss"] for c in cells.values() if c), default=math.nan)
+        shown = []
+        for s, c in cells.items():
+            if c is None:
+                shown.append("–")
+                continue
+            text = f"{c['loss']:.4f} @ {c['lr']:g}" + (" (edge)" if c["lr"] in (grid[0], grid[-1]) else "") + (f" ({c['lrs']} of {len(grid)} LRs)" if c["lrs"] < len(grid) else "")
+            text = f"**{text}**" if c["loss"] == top else text
+            shown.append(text + (f" (= {c['init']})" if c["init"] != s else ""))
+        ref = cells.get(reference)
+        lines.append(f"| {variant} | " + " | ".join(shown) + f" | {top - ref['loss']:+.4f} |" if ref else f"| {variant} | " + " | ".join(shown) + " | – |")
+    return lines
+
+
 def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConfig], runs: dict[str, list[Path]], reference: str, path: Path, started: float) -> Path:
     assets = path.with_suffix("")
     assets.mkdir(parents=True, exist_ok=True)
@@ -230,21 +249,7 @@ def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConf
     else:
         lines += ["", "No setting meets the criterion at every size."]
     for size in sizes:
-        lines += ["", f"## {size}: best validation loss over the LR grid (seed 0)", "",
-                  "| variant | " + " | ".join(settings) + f" | best − {reference} |", "|---|" + "---|" * (len(settings) + 1)]
-        for variant in variants:
-            cells = {s: best.get((size, variant, s)) for s in settings}
-            top = min((c["loss"] for c in cells.values() if c), default=math.nan)
-            shown = []
-            for s, c in cells.items():
-                if c is None:
-                    shown.append("–")
-                    continue
-                text = f"{c['loss']:.4f} @ {c['lr']:g}" + (" (edge)" if c["lr"] in (grid[0], grid[-1]) else "") + (f" ({c['lrs']} of {len(grid)} LRs)" if c["lrs"] < len(grid) else "")
-                text = f"**{text}**" if c["loss"] == top else text
-                shown.append(text + (f" (= {c['init']})" if c["init"] != s else ""))
-            ref = cells.get(reference)
-            lines.append(f"| {variant} | " + " | ".join(shown) + f" | {top - ref['loss']:+.4f} |" if ref else f"| {variant} | " + " | ".join(shown) + " | – |")
+        lines += size_table(size, best, settings, variants, reference, grid)
     lines += ["", "(edge): the best LR is at the end of the grid, so the best loss may be lower still; bold: the variant's best setting; "
               "(= …): the setting changes nothing in this variant, whose run under the setting named is shown; (k of n LRs): only part of the "
               "grid is measured yet, so the best loss may be lower; –: not measured yet.", "",
@@ -255,7 +260,7 @@ def write_report(spec: SweepSpec, rows: list[dict], settings: dict[str, InitConf
     dynamics = plot_dynamics(groups, assets) if groups else []
     if dynamics:
         lines += ["", f"## Training dynamics at {sizes[0]} (the seed runs)", "", DYNAMICS_NOTE, ""] + [f"![{p.stem}]({assets.name}/{p.name})" for p in dynamics]
-    path.write_text("\n".join(lines) + "\n")
+    write_synced(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -1,70 +1,72 @@
-"""What every study is built from, over the library: one training run as a subprocess that resumes or skips by
-itself (and refuses a run directory that holds another run), and the noise rule its claims are read with.
+"""What every study is built from, over the library: its training runs (LocalRuns: subprocesses that resume or skip
+by themselves, side by side as the sweep's are), and the noise rule its claims are read with.
 A study (mea.studies.*) is a spec plus a little code on top of these, mea.scaling.sweep and the tools."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mea.run_directory import RunDirectory, describe
 from mea.scaling.effects import difference
-from mea.scaling.sweep import ROOT, Launcher, SweepError, planned_identity
+from mea.scaling.sweep import ROOT, Launcher, SweepError, SweepStopped, planned_identity, run_side_by_side
 
 
-# Set while a report is made again from its archive (mea.studies.archive): every run must be in it already, and
-# one that is not is an error rather than a training run started behind the reader's back.
-ARCHIVE: Path | None = None
+class LocalRuns:
+    """How a study's training runs are carried out on this machine: one at a time (`train`), or side by side as
+    the sweep's multiruns are (`side_by_side`: mea.scaling.sweep.run_side_by_side, each run a session of its own
+    that a stop signal reaches, so it saves). Each run resumes or skips by itself, and a run directory that holds
+    another run is refused. Made from an archive, a run the archive lacks is an error, not a run started behind
+    the reader's back."""
 
+    def __init__(self, archive: Path | None = None, launcher: Launcher | None = None):
+        self.archive, self.launcher = archive, launcher or Launcher()
 
-def train(run_dir: Path, overrides: list[str]) -> dict:
-    """One training run as a subprocess (resumes or skips by itself); its summary."""
-    refuse_another_run(run_dir, overrides)
-    return train_checked(run_dir, overrides)
+    def train(self, run_dir: Path, overrides: list[str]) -> dict:
+        """One training run, on every thread this process may use; its summary."""
+        self.start({run_dir: overrides}, {}, 1)
+        return json.loads((run_dir / "summary.json").read_text())
 
+    def side_by_side(self, runs: dict[Path, list[str]]) -> None:
+        """Independent runs, `jobs` at once of `threads` threads each."""
+        self.start(runs, self.launcher.environment(), self.launcher.local_jobs(len(runs)))
 
-def refuse_another_run(run_dir: Path, overrides: list[str]) -> None:
-    """Stop where run_dir holds a run of other settings, or, while a report is made from its archive, none at all."""
-    if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
-        raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
-    if ARCHIVE is not None and not (run_dir / "summary.json").is_file():
-        raise SweepError(f"{ARCHIVE} has no finished run {run_dir}: it was made from another spec; give the spec the report was made with")
+    def start(self, runs: dict[Path, list[str]], env: dict[str, str], at_once: int) -> None:
+        """Every run is checked before any starts, and every one is left to finish before the first failure is
+        raised, so that one failed run stops none of the others half-way."""
+        for run_dir, overrides in runs.items():
+            self.refuse_another_run(run_dir, overrides)
+        to_train = {run_dir: overrides for run_dir, overrides in runs.items() if not (run_dir / "summary.json").is_file()}  # finished or diverged: results already
+        commands = [[sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"] for run_dir, overrides in to_train.items()]
+        codes, stopped = run_side_by_side(commands, env, at_once)
+        if stopped is not None:
+            raise SweepStopped(stopped)
+        for run_dir, code in zip(to_train, codes):
+            if not (run_dir / "summary.json").is_file():
+                raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
 
-
-def train_checked(run_dir: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
-    if not (run_dir / "summary.json").is_file():  # finished or diverged runs are results already
-        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env)
-        if code != 0 and not (run_dir / "summary.json").is_file():
-            raise SweepError(f"the run {run_dir} failed (exit {code}); run the experiment again to resume it")
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def train_side_by_side(runs: dict[Path, list[str]], launcher: Launcher | None = None) -> None:
-    """Independent runs trained as the sweep's are on this machine, `jobs` at once of `threads` threads each (as
-    train does, each resumes or skips by itself). Every run is checked before any starts (composing a config is
-    not thread-safe), and every one is left to finish before the first failure is raised, so that one failed run
-    stops none of the others half-way."""
-    for run_dir, overrides in runs.items():
-        refuse_another_run(run_dir, overrides)
-    launcher = launcher or Launcher()
-    env = os.environ | launcher.environment()
-    with ThreadPoolExecutor(launcher.local_jobs(len(runs))) as pool:
-        waiting = [pool.submit(train_checked, run_dir, overrides, env) for run_dir, overrides in runs.items()]
-    for finished in waiting:
-        finished.result()
+    def refuse_another_run(self, run_dir: Path, overrides: list[str]) -> None:
+        """Stop where run_dir holds a run of other settings, or, while a report is made from its archive, none at all."""
+        if changes := RunDirectory(run_dir).differences(planned_identity(overrides)):
+            raise SweepError(f"{run_dir} holds another run than the spec now asks ({describe(changes)}); give the experiment a new `out` or delete that run")
+        if self.archive is not None and not (run_dir / "summary.json").is_file():
+            raise SweepError(f"{self.archive} has no finished run {run_dir}: it was made from another spec; give the spec the report was made with")
 
 
 def within_noise(delta: float, se: float) -> bool:
     return se > 0 and abs(delta) <= 2 * se
 
 
+NO_NOISE_ESTIMATE = "one seed: no noise estimate"
+
+
 def verdict(delta: float, se: float, better_if_negative: bool = True) -> str:
+    """Agrees or disagrees only where a standard error says how far Δ is from noise; one seed an arm has none."""
     if not math.isfinite(delta):
         return "not measured"
+    if not se > 0:
+        return NO_NOISE_ESTIMATE
     if within_noise(delta, se):
         return "within noise (|Δ| ≤ 2 standard errors)"
     return "agrees" if (delta < 0) == better_if_negative else "disagrees"
@@ -80,7 +82,7 @@ def reading(a: dict, b: dict, better_if_negative: bool = True) -> str:
     d = difference(a["final_val_losses"], b["final_val_losses"])
     said = verdict(d.delta, standard_error(a, b), better_if_negative)
     if d.interval is None:
-        return f"{said}; one seed an arm: no interval"
+        return said if said == NO_NOISE_ESTIMATE else f"{said}; one seed an arm: no interval"
     power = (f"these seeds could see a Δ of {d.smallest_seen:.4f} (80% power); {d.seeds_to_resolve} seeds an arm would resolve this one"
              if within_noise(d.delta, standard_error(a, b)) else f"{d.seeds_to_resolve} seeds an arm resolve it")
     return f"{said}, 95% interval {d.interval[0]:+.4f} to {d.interval[1]:+.4f} (Welch); {power}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -14,12 +13,32 @@ from pathlib import Path
 import numpy as np
 
 from mea.plotting import plt, save_figure
+from mea.run_directory import write_synced
 from mea.runs import made_with, metrics_rows
-from mea.scaling.sweep import at_largest_size, read_results
 from mea.scaling.effects import Multipliers, difference
-from mea.studies.protocol import reading, standard_error, verdict, within_noise
-from mea.studies.trust import (bracket_claim, bracket_plot, bracket_table, held_out_table, init_table, loss_choice_table, multiplier_plot, multiplier_readings,
-                               multiplier_table, noise_of, own_bests, read_brackets, reads, row_of, size_losses, two_readings)
+from mea.scaling.sweep import SweepError, at_largest_size, read_results
+from mea.studies.claims import Evidence, read_claims
+from mea.studies.protocol import standard_error
+from mea.studies.trust import (
+    TRAINS_WITHIN,
+    bracket_claim,
+    bracket_plot,
+    bracket_table,
+    held_out_table,
+    init_table,
+    loss_choice_table,
+    multiplier_plot,
+    multiplier_readings,
+    multiplier_table,
+    noise_of,
+    own_bests,
+    read_brackets,
+    row_of,
+    side_of_noise,
+    size_losses,
+    stable_up_to,
+    two_readings,
+)
 from mea.tools.compare import DYNAMICS_NOTE, FALL_NOTE, fmt
 
 
@@ -29,22 +48,6 @@ def largest_size_runs(results: Path, stability: Path | None) -> dict[str, dict[f
     for r in at_largest_size(read_results(*filter(None, (results, stability)))):
         grid.setdefault(r["variant"], {})[float(r["lr"])] = r
     return grid
-
-
-TRAINS_WITHIN = 0.10  # a run "trains" when its loss is within 10% of the arm's best at that size
-
-
-def stable_up_to(runs: dict[float, dict]) -> float:
-    """The largest LR below the first that fails to train: diverged (non-finite), or, since gradient clipping keeps
-    most failures finite, ending more than TRAINS_WITHIN above the arm's best loss at that size."""
-    finite = [float(r["final_val_loss"]) for r in runs.values() if r["diverged"] != "True"]
-    best = min(finite, default=math.inf)
-    stable = math.nan
-    for lr in sorted(runs):
-        if runs[lr]["diverged"] == "True" or float(runs[lr]["final_val_loss"]) > best * (1 + TRAINS_WITHIN):
-            break
-        stable = lr
-    return stable
 
 
 def stability_cell(runs: dict[float, dict], lr: float, limit: float) -> str:
@@ -110,93 +113,47 @@ def steps_range(steps: list[int | None]) -> str:
     return span + (f" (never in {never})" if never else "")
 
 
-GN_CLAIM = "+GroupNorm alone carries part of the gain"
-DFA_CLAIM = "DFA without its norm drifts toward standard attention"
-HALF_CACHE_CLAIM = "At half the KV cache, MEA's virtual heads beat grouped-query attention"
-CLAIM_ARMS = {GN_CLAIM: ("mha_gn",), DFA_CLAIM: ("diff", "diff_nonorm"), HALF_CACHE_CLAIM: ("mea_virtual", "mha_gqa")}  # the claims that need arms besides mha and mea
+READING_KINDS = ("an LR-sweep run", "a from-scratch run")  # the runs whose step counts "What changed" sets side by side
 
 
-def claims(p, fit: dict, lrs: dict, rows: list[dict], compression: list[dict], grid: dict[str, dict[float, dict]]) -> list[str]:
-    out = []
-    base = row_of(rows, p.baseline)
-    mea, gn = row_of(rows, "mea"), row_of(rows, "mha_gn")
-    if "mea" in lrs and p.baseline in lrs:
-        ratio = lrs["mea"]["lr"] / lrs[p.baseline]["lr"]
-        widths = {arm: [s["sensitivity_decades"] for s in g["cells"] if "sensitivity_decades" in s] for arm, g in fit["groups"].items()}
-        mean = {arm: sum(w) / len(w) for arm, w in widths.items() if w}
-        width_text = f"; mean LR range within {p.margin:.0%} of the optimum: mea {mean.get('mea', math.nan):.2f} vs {p.baseline} {mean.get(p.baseline, math.nan):.2f} decades"
-        stable = {arm: stable_up_to(grid[arm]) for arm in ("mea", p.baseline) if arm in grid}
-        signs = [ratio > 1, mean.get("mea", 0) >= mean.get(p.baseline, math.inf), stable.get("mea", 0) > stable.get(p.baseline, math.inf)]
-        out.append(f"**MEA tolerates larger learning rates.** At the target size mea's LR is {ratio:.2f}× {p.baseline}'s{width_text}; "
-                   f"largest LR that still trains (within {TRAINS_WITHIN:.0%} of the arm's best loss) at the largest swept size: mea {stable.get('mea', math.nan):.3g}, {p.baseline} {stable.get(p.baseline, math.nan):.3g}. "
-                   f"{'Agrees' if all(signs) else 'Partly agrees' if any(signs) else 'Disagrees'} at this scale ({sum(signs)} of these 3 point MEA's way).")
-    if mea and base:
-        delta = mea["final_val_loss"] - base["final_val_loss"]
-        out.append(f"**MEA reaches a lower validation loss than the Transformer.** Δ = {delta:+.4f} ({mea['seeds']} vs {base['seeds']} seeds): {reading(mea, base)}.")
-    if gn and mea and base:
-        d_gn, d_mea = gn["final_val_loss"] - base["final_val_loss"], mea["final_val_loss"] - base["final_val_loss"]
-        share = d_gn / d_mea if d_mea else math.nan
-        out.append(f"**{GN_CLAIM}.** Δ(mha_gn) = {d_gn:+.4f} against Δ(mea) = {d_mea:+.4f} (share {share:.2f}): "
-                   f"{'agrees' if d_mea < 0 and 0 < share < 1 else 'does not show here'} ({reading(gn, base)} for mha_gn alone).")
-    diff, nonorm = row_of(rows, "diff"), row_of(rows, "diff_nonorm")
-    if diff and nonorm and base:
-        gap, gap_nonorm = diff["final_val_loss"] - base["final_val_loss"], nonorm["final_val_loss"] - base["final_val_loss"]
-        closer = abs(gap_nonorm) - abs(gap)  # the two arms' distance apart is what the seeds must resolve
-        out.append(f"**{DFA_CLAIM}.** Distance to {p.baseline}: diff {gap:+.4f}, diff without norm {gap_nonorm:+.4f}: "
-                   f"{verdict(closer, standard_error(diff, nonorm))} (the loss of diff without norm is {'closer to' if closer < 0 else 'further from'} the baseline's).")
-    virtual, gqa = row_of(rows, "mea_virtual"), row_of(rows, "mha_gqa")
-    if virtual and gqa:
-        delta = virtual["final_val_loss"] - gqa["final_val_loss"]
-        costs = []
-        for half, full in ((virtual, mea), (gqa, base)):
-            if full:
-                cost = half["final_val_loss"] - full["final_val_loss"]
-                costs.append(f"{half['variant']} {cost:+.4f} against {full['variant']} ({'within' if within_noise(cost, standard_error(half, full)) else 'beyond'} 2 standard errors)")
-        said = (f"**{HALF_CACHE_CLAIM} (both trained from scratch).** Δ(mea_virtual − mha_gqa) = {delta:+.4f}: "
-                f"{reading(virtual, gqa)}. What halving the cache costs each against its full-cache arm: {'; '.join(costs)}.")
-        out.append(said)
-    if len(compression) > 1:
-        control = compression[0]  # the uncompressed model after the same continued pretraining
-        parts = [f"{c['setting']}: {c['val_after_conversion'] - control['val_after_conversion']:+.4f} right after conversion, "
-                 f"{c['val_after_recovery'] - control['val_after_recovery']:+.4f} after recovery against the uncompressed model recovered alike, "
-                 f"{c['kv_bytes_per_token'] / control['kv_bytes_per_token']:.2f}× the KV bytes" for c in compression[1:]]
-        out.append("**A 50% KV cache costs little after continued pretraining.** " + "; ".join(parts) + ". "
-                   f"(The control itself moved {control['val_after_recovery'] - control['val_after_conversion']:+.4f} in its {control['recover_steps']} steps.)")
-    if unread := [f"{claim} (needs {', '.join(a for a in arms if not row_of(rows, a))})" for claim, arms in CLAIM_ARMS.items() if not all(row_of(rows, a) for a in arms)]:
-        out.append("**Not read: this spec lacks their arms.** " + "; ".join(unread) + ".")
-    return out
+def readings(p, f: Findings, out: Path) -> dict:
+    """The report's readings as data, written beside it (<report>/readings.json) and read by a later report's
+    "What changed": each corpus's comparison rows, and the steps of one LR-sweep and one from-scratch run."""
+    steps = {kind: int(next(o for o in example[1] if o.startswith("trainer.max_steps=")).split("=", 1)[1])
+             for kind in READING_KINDS if (example := example_run(out, RUN_KINDS[kind]))}
+    return {"format": 1, "baseline": p.baseline, "steps": steps, "corpora": {corpus: comp["rows"] for corpus, comp in f.comparisons.items()}}
 
 
-def previous_results(path: Path) -> tuple[dict[str, dict], dict[str, int]]:
-    """An earlier report's main-corpus rows (seeds, final validation loss mean and std, Δ against its baseline), and
-    the steps of its LR-sweep and from-scratch runs, read from its text (its table and the command lines it printed)."""
-    text = path.read_text()
-    main = text.split("### main corpus", 1)[-1].split("###", 1)[0]
-    rows = {arm: {"seeds": int(n), "final_val_loss": float(mean), "final_val_loss_std": float(std), "delta_vs_baseline": float(d)}
-            for arm, n, mean, std, d in re.findall(r"^\| (\S+) \| (\d+) \| ([\d.]+) ± ([\d.]+) \| ([+-][\d.]+) \|", main, re.M)}
-    steps = {kind: int(m.group(1)) for kind in ("an LR-sweep run", "a from-scratch run")
-             if (m := re.search(rf"# {kind}\npython train.py [^\n]*trainer.max_steps=(\d+)", text))}
-    return rows, steps
+def readings_file(report: Path) -> Path:
+    return report.with_suffix("") / "readings.json"
+
+
+def check_previous_report(report: Path) -> None:
+    """A previous report is read from its readings.json (before any compute: the sitting would end on it)."""
+    if not readings_file(report).is_file():
+        raise SweepError(f"previous_report={report} has no {readings_file(report)}, which its comparison is read from; "
+                         "make that report again with mea-experiment (--from-archive where it has runs.tar.xz), or leave previous_report out")
 
 
 def side_of_baseline(row: dict | None, base: dict | None) -> str:
     """Where an arm's loss lies against the baseline's at 2 standard errors: lower, higher or within noise."""
     if row is None or base is None or row is base or row["seeds"] < 2 or base["seeds"] < 2:
         return "–"
-    return reads(row["final_val_loss"] - base["final_val_loss"], standard_error(row, base))
+    return side_of_noise(row["final_val_loss"] - base["final_val_loss"], standard_error(row, base))
 
 
-def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str | None) -> list[str]:
+def what_changed(p, now: dict, report: Path, init_audit: str | None) -> list[str]:
+    """This report's readings beside the previous report's (p.previous_report): each arm's Δ and its side of the baseline then and now."""
     lines = ["## What changed since the previous report", ""]
     if init_audit:
         lines += [init_audit, ""]
     previous = Path(p.previous_report)
     if not previous.is_file():
         return lines
-    then, steps = previous_results(previous)
-    now = {kind: int(next(o for o in example[1] if o.startswith("trainer.max_steps=")).split("=", 1)[1])
-           for kind in ("an LR-sweep run", "a from-scratch run") if (example := example_run(out, RUN_KINDS[kind]))}
-    budget = "; ".join(f"{kind.split(' ', 1)[1]}s: {steps.get(kind, '?')} steps then, {now.get(kind, '?')} now" for kind in ("an LR-sweep run", "a from-scratch run"))
+    check_previous_report(previous)
+    before = json.loads(readings_file(previous).read_text())
+    then, rows = {r["variant"]: r for r in before["corpora"]["main"]}, now["corpora"]["main"]
+    budget = "; ".join(f"{kind.split(' ', 1)[1]}s: {before['steps'].get(kind, '?')} steps then, {now['steps'].get(kind, '?')} now" for kind in READING_KINDS)
     lines += [f"The [previous report]({os.path.relpath(previous, report.parent)}) against this one ({budget}); each reading is the arm's "
               f"loss against {p.baseline}'s at 2 standard errors:", "",
               f"| arm | Δ vs {p.baseline} then | reading then | Δ vs {p.baseline} now | reading now |", "|---|---|---|---|---|"]
@@ -212,7 +169,8 @@ def what_changed(p, rows: list[dict], out: Path, report: Path, init_audit: str |
 
 def table(rows: list[dict], baseline: str) -> list[str]:
     base = row_of(rows, baseline)
-    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | Δ 95% interval (Welch) | seeds to resolve Δ | fall over the last fifth | tokens to {baseline}'s loss | tokens/s (median over seeds) |",
+    lines = [f"| arm | seeds | final val loss | Δ vs {baseline} | Δ 95% interval (Welch) | seeds to resolve Δ | "
+             f"fall over the last fifth | tokens to {baseline}'s loss | tokens/s (median over seeds) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "–" if not math.isfinite(r["tokens_to_baseline_ratio"]) else f"{r['tokens_to_baseline_ratio']:.2f}×"
@@ -345,6 +303,24 @@ def multiplier_section(p, f: Findings, rows: list[dict], assets: Path, rel) -> l
     return lines + ["", f"![multipliers]({rel(multiplier_plot(losses, swept, readings, p.baseline, f.target_n, assets).name)})", ""]
 
 
+def lr_law_section(p, f: Findings) -> list[str]:
+    """Each arm's law and the LR its seeds train at, and the LR range near each size's optimum."""
+    lines = ["## LR laws", "", "| arm | a | b (95% interval) | sizes fitted | LR at the target (95% interval) | source |", "|---|---|---|---|---|---|"]
+    for arm, chosen in f.lrs.items():
+        g = f.fit["groups"].get(arm, {})
+        ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"
+        law = (f"{g['a']:.4g}", f"{g['b']:.3f} ({g['b_ci'][0]:.3f} – {g['b_ci'][1]:.3f})") if "a" in g else ("–", "–")
+        fitted = f"{sum('lr' in c for c in g.get('cells', []))} of {len(g.get('cells', []))}"
+        lines.append(f"| {arm} | {law[0]} | {law[1]} | {fitted} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
+    if f.fit["messages"]:  # a size left out of a law: its LR rests on fewer points, read it with that in mind
+        lines += [""] + [f"> {m}" for m in f.fit["messages"]]
+    cells = next(iter(f.fit["groups"].values()))["cells"]
+    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in cells) + " |", "|---|" + "---|" * len(cells)]
+    for arm, g in f.fit["groups"].items():
+        lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["cells"]) + " |")
+    return lines
+
+
 def write_report(p, f: Findings, made: dict, path: Path) -> Path:
     """The report at path, its plots in the folder of its name; `made` is the sitting's record (experiment.made_now)."""
     out = Path(p.out)
@@ -370,21 +346,11 @@ def write_report(p, f: Findings, made: dict, path: Path) -> Path:
              f"Its runs' configs, summaries and metrics are in [{assets.name}/runs.tar.xz]({assets.name}/runs.tar.xz): `mea-experiment {p.spec} --from-archive "
              f"{path.with_suffix('')}/runs.tar.xz` makes this report again from them alone.", "",
              *commands(p, out), "",
-             "## Reading against the paper", ""] + [f"- {c}" for c in trust_claims + claims(p, f.fit, f.lrs, rows, f.compression, grid)] + [""]
-    lines += what_changed(p, rows, out, path, made['init_audit'])
-    lines += ["## LR laws", "", "| arm | a | b (95% interval) | sizes fitted | LR at the target (95% interval) | source |", "|---|---|---|---|---|---|"]
-    for arm, chosen in f.lrs.items():
-        g = f.fit["groups"].get(arm, {})
-        ci = "–" if chosen["ci"] is None else f"{chosen['ci'][0]:.3g} – {chosen['ci'][1]:.3g}"
-        law = (f"{g['a']:.4g}", f"{g['b']:.3f} ({g['b_ci'][0]:.3f} – {g['b_ci'][1]:.3f})") if "a" in g else ("–", "–")
-        fitted = f"{sum('lr' in c for c in g.get('cells', []))} of {len(g.get('cells', []))}"
-        lines.append(f"| {arm} | {law[0]} | {law[1]} | {fitted} | {chosen['lr']:.3g} ({ci}) | {chosen['source']} |")
-    if f.fit["messages"]:  # a size left out of a law: its LR rests on fewer points, read it with that in mind
-        lines += [""] + [f"> {m}" for m in f.fit["messages"]]
-    cells = next(iter(f.fit["groups"].values()))["cells"]
-    lines += ["", f"LR range within {p.margin:.0%} of each size's optimum (decades):", "", "| arm | " + " | ".join(f"N = {s['n']:.3g}" for s in cells) + " |", "|---|" + "---|" * len(cells)]
-    for arm, g in f.fit["groups"].items():
-        lines.append(f"| {arm} | " + " | ".join(f"{s['sensitivity_decades']:.2f}" if "sensitivity_decades" in s else "–" for s in g["cells"]) + " |")
+             "## Reading against the paper", ""] + [f"- {c}" for c in trust_claims + read_claims(p.claims, Evidence(p, f.fit, f.lrs, rows, f.compression, grid))] + [""]
+    now = readings(p, f, out)
+    write_synced(readings_file(path), json.dumps(now, indent=1))
+    lines += what_changed(p, now, path, made['init_audit'])
+    lines += lr_law_section(p, f)
     lines += ["", f"![LR curves]({rel('lr_curves.png')})", "", f"![LR law]({rel('lr_law.png')})", "",
               f"Final validation loss against LR at the largest swept size{', the grid continued to where each arm fails to train' if f.stability else ''}:", ""]
     lines += stability_table(grid) + [""] + (early_phase + [""] if (early_phase := early_phase_table(grid)) else []) + law_checks(p, f) + trust
@@ -410,5 +376,5 @@ def write_report(p, f: Findings, made: dict, path: Path) -> Path:
     lines += ["", f"![recovery]({rel('compression_recovery.png')})", "", "## Scaling up", "",
               "The same spec runs at GPU scale by overrides: larger `sweep.sizes` (model presets 25m–350m), `target.model=1.3b`, token budgets ×1000, "
               "`data=fineweb_edu`, `deepspeed=zero2`, and `mea-sweep --slurm` for the sweep's job arrays.", ""]
-    path.write_text("\n".join(lines) + "\n")
+    write_synced(path, "\n".join(lines) + "\n")
     return path

@@ -13,8 +13,23 @@ import numpy as np
 from mea.plotting import mark_diverged, panels, plt, save_figure
 from mea.scaling.effects import Multipliers, fit_size_law, held_out_miss, lr_bracket, multipliers
 from mea.scaling.laws import FitError
-from mea.scaling.sweep import read_results, trained
-from mea.studies.protocol import within_noise
+from mea.scaling.sweep import not_diverged, read_results
+from mea.studies.protocol import NO_NOISE_ESTIMATE, within_noise
+
+TRAINS_WITHIN = 0.10  # a run "trains" when its loss is within 10% of the arm's best at that size
+
+
+def stable_up_to(runs: dict[float, dict]) -> float:
+    """The largest LR below the first that fails to train: diverged (non-finite), or, since gradient clipping keeps
+    most failures finite, ending more than TRAINS_WITHIN above the arm's best loss at that size."""
+    finite = [float(r["final_val_loss"]) for r in runs.values() if r["diverged"] != "True"]
+    best = min(finite, default=math.inf)
+    stable = math.nan
+    for lr in sorted(runs):
+        if runs[lr]["diverged"] == "True" or float(runs[lr]["final_val_loss"]) > best * (1 + TRAINS_WITHIN):
+            break
+        stable = lr
+    return stable
 
 
 def row_of(rows: list[dict], arm: str) -> dict | None:
@@ -111,7 +126,8 @@ def init_table(checks: dict[str, dict[str, float]], rows: list[dict]) -> list[st
         best = min(by, key=by.get)
         handicap = own["final_val_loss"] - by[best]
         se = noise_of(rows, arm) * math.sqrt(1 + 1 / own["seeds"])  # one run against the seeds' mean
-        said = f"{handicap:+.4f} against {best}: " + ("beyond noise" if handicap > 0 and not within_noise(handicap, se) else "within noise" if within_noise(handicap, se) else "none (the default is better)")
+        said = f"{handicap:+.4f} against {best}: " + (NO_NOISE_ESTIMATE if not se > 0 else "beyond noise" if handicap > 0 and not within_noise(handicap, se)
+                                                      else "within noise" if within_noise(handicap, se) else "none (the default is better)")
         lines.append(f"| {arm} | {own['final_val_loss']:.4f} ± {own['final_val_loss_std']:.4f} | " + " | ".join(f"{by[s]:.4f}" if s in by else "–" for s in settings) + f" | {said} |")
     return lines
 
@@ -132,8 +148,9 @@ def own_bests(rows: list[dict], brackets: dict[str, dict], checks: dict[str, dic
     return out
 
 
-def reads(delta: float, se: float) -> str:
-    return "within noise" if within_noise(delta, se) else "lower" if delta < 0 else "higher"
+def side_of_noise(delta: float, se: float) -> str:
+    """Where Δ lies at 2 standard errors: lower, higher or within noise; no side without a standard error."""
+    return NO_NOISE_ESTIMATE if not se > 0 else "within noise" if within_noise(delta, se) else "lower" if delta < 0 else "higher"
 
 
 def two_readings(rows: list[dict], bests: dict[str, tuple[float, str]], baseline: str) -> tuple[list[str], str]:
@@ -146,7 +163,7 @@ def two_readings(rows: list[dict], bests: dict[str, tuple[float, str]], baseline
             continue
         se = math.sqrt(noise_of(rows, r["variant"]) ** 2 + noise_of(rows, baseline) ** 2)  # at worst one run each
         a, b = r["delta_vs_baseline"], bests[r["variant"]][0] - bests[baseline][0]
-        same = reads(a, se) == reads(b, se)
+        same = side_of_noise(a, se) == side_of_noise(b, se)
         if not same:
             disagree.append(f"{r['variant']} ({a:+.4f} under the default, {b:+.4f} at its own best)")
         lines.append(f"| {r['variant']} | {a:+.4f} | {bests[r['variant']][1]}: {bests[r['variant']][0]:.4f} | {b:+.4f} | {'agree' if same else '**disagree**'} |")
@@ -183,7 +200,7 @@ def size_losses(results: Path, rows: list[dict], target_n: float) -> tuple[dict[
     """arm -> N -> best losses: at each swept size the lowest final validation loss over its LRs (one run), at the
     target the comparison's seeds; N is the baseline-sized count of each size (the arms of a size differ by a few
     parameters). Also the swept sizes (one token budget), on which the baseline's L(N) is fitted."""
-    sweep = trained(read_results(results))
+    sweep = not_diverged(read_results(results))
     n_of = {size: min(float(r["non_embedding_params"]) for r in sweep if r["size"] == size) for size in {r["size"] for r in sweep}}
     best: dict[str, dict[float, list[float]]] = defaultdict(dict)
     for r in sweep:

@@ -20,9 +20,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from mea.plotting import mark_diverged, panels, plt, save_figure
-from mea.run_directory import describe
+from mea.run_directory import describe, write_synced
 from mea.runs import Run, RunError, read_run
-from mea.scaling.sweep import at_largest_size, best_by_arm, read_results, trained
+from mea.scaling.sweep import at_largest_size, best_by_arm, not_diverged, read_results
 
 
 def ema(values: list[float], beta: float) -> np.ndarray:
@@ -208,11 +208,14 @@ FALL_NOTE = ("Fall over the last fifth: validation loss at 80% of the run's toke
 def markdown(rows: list[dict], baseline: str, plots: list[Path], dynamics: list[Path], notes: list[str], runs: list[Run]) -> str:
     lines = ["# Comparison", ""]
     lines += [f"> **Warning:** {n}" for n in notes] + ([""] if notes else [])
-    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | fall over the last fifth | final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s (median) |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| variant | seeds | final val loss | Δ vs {baseline} | fall over the last fifth | "
+              f"final train loss (EMA) | tokens to {baseline}'s final loss | tokens/s (median) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | {fmt(r['fall_last_fifth'], '+.4f', '')} | {r['final_train_loss']:.4f} | "
+        lines.append(f"| {r['variant']} | {r['seeds']} | {r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f} | {r['delta_vs_baseline']:+.4f} | "
+                     f"{fmt(r['fall_last_fifth'], '+.4f', '')} | {r['final_train_loss']:.4f} | "
                      f"{fmt(r['tokens_to_baseline_ratio'], '.2f')} | {r['tokens_per_s']:,.0f} |")
-    lines += ["", FALL_NOTE, "", "Tokens to the baseline's final loss: the first point of each run's validation curve at or below the baseline's mean final validation loss, as a share of the baseline's tokens (– : not reached).", ""]
+    lines += ["", FALL_NOTE, "", "Tokens to the baseline's final loss: the first point of each run's validation curve at or below the baseline's mean final validation loss, "
+              "as a share of the baseline's tokens (– : not reached).", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if dynamics:
         lines += ["", "## Training dynamics", "", DYNAMICS_NOTE, ""] + [f"![{p.stem}]({p.name})" for p in dynamics]
@@ -224,12 +227,14 @@ def to_html(rows: list[dict], baseline: str, plots: list[Path], notes: list[str]
     head = ["variant", "seeds", "final val loss", f"Δ vs {baseline}", "fall over the last fifth", "tokens to baseline", "tokens/s (median)"]
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (r["variant"], r["seeds"], f"{r['final_val_loss']:.4f} ± {r['final_val_loss_std']:.4f}",
-                                                                      f"{r['delta_vs_baseline']:+.4f}", fmt(r["fall_last_fifth"], "+.4f", ""), fmt(r["tokens_to_baseline_ratio"], ".2f"), f"{r['tokens_per_s']:,.0f}")) + "</tr>"
+                                                                      f"{r['delta_vs_baseline']:+.4f}", fmt(r["fall_last_fifth"], "+.4f", ""),
+                                                                      fmt(r["tokens_to_baseline_ratio"], ".2f"), f"{r['tokens_per_s']:,.0f}")) + "</tr>"
         for r in rows
     )
     warn = "".join(f"<p><b>Warning:</b> {html.escape(n)}</p>" for n in notes)
     imgs = "".join(f'<p><img src="{p.with_suffix(".svg").name}" width="700"></p>' for p in plots)
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>Comparison</title></head><body><h1>Comparison</h1>{warn}<table border='1'><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{body}</table>{imgs}</body></html>\n"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Comparison</title></head><body><h1>Comparison</h1>{warn}"
+            f"<table border='1'><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{body}</table>{imgs}</body></html>\n")
 
 
 def wandb_runs(path: str, group: str | None, cache: Path) -> list[Path]:
@@ -262,7 +267,7 @@ def best_runs(results: Path) -> list[Path]:
     """From a sweep: each variant's best-LR run (lowest smoothed train loss, not diverged) at the largest size."""
     if not results.is_file():
         raise RunError(f"{results} does not exist; give a sweep's results.csv")
-    rows = trained(read_results(results))
+    rows = not_diverged(read_results(results))
     if not rows:
         raise RunError(f"{results} holds no finished, non-diverged run")
     return [Path(r["run_dir"]) for r in best_by_arm(at_largest_size(rows)).values()]
@@ -283,8 +288,8 @@ def compare(run_dirs: list[Path], out: Path, baseline: str | None, results: Path
     if results is not None:
         plots.append(plot_lr_sensitivity(results, out))
     dynamics = plot_dynamics(groups, out)
-    (out / "report.md").write_text(markdown(rows, baseline, plots, dynamics, notes, runs))
-    (out / "report.html").write_text(to_html(rows, baseline, plots + dynamics, notes))
+    write_synced(out / "report.md", markdown(rows, baseline, plots, dynamics, notes, runs))
+    write_synced(out / "report.html", to_html(rows, baseline, plots + dynamics, notes))
     return {"rows": rows, "plots": plots + dynamics, "dynamics": dynamics, "notes": notes, "baseline": baseline}
 
 

@@ -31,7 +31,8 @@ NEEDED = ("torch", "hydra", "omegaconf", "deepspeed", "datasets", "tokenizers", 
 VARIANTS = ("mha", "mha_gn", "mea", "diff", "tha")
 ENGINES = ("none", "zero1", "zero2", "zero3")
 TRAINER_RUN = ("model=125m", "data.seq_len=1024", "trainer.global_batch=16", "trainer.max_steps=20", "trainer.log_every=10", "trainer.eval_every=20",
-               "trainer.eval_batches=1", "trainer.dynamics=false", "trainer.sample_tokens=8", "trainer.device=cuda", "trainer.precision=bf16", "trainer.compile=false", "logger.mode=disabled")  # eager: 20 compilations would not fit 5 minutes
+               "trainer.eval_batches=1", "trainer.dynamics=false", "trainer.sample_tokens=8", "trainer.device=cuda", "trainer.precision=bf16",
+               "trainer.compile=false", "logger.mode=disabled")  # eager: 20 compilations would not fit 5 minutes
 
 
 def refusal() -> str | None:

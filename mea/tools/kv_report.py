@@ -35,7 +35,8 @@ def settings(cfg: ModelConfig) -> list[tuple[str, ModelConfig]]:
     rows = [(f"{name} (G = H = {H})", replace(cfg, n_kv_heads=H)) for name in sorted(REGISTRY)]
     rows += [(f"mha GQA (G = {H // 2})", replace(cfg, n_kv_heads=H // 2)), (f"mea virtual heads (G = {H // 2})", replace(cfg, n_kv_heads=H // 2)),
              (f"mea virtual heads (G = {H // 4})", replace(cfg, n_kv_heads=H // 4)),
-             (f"mea, middle half of the layers at G = {H // 2}", replace(cfg, kv_heads_per_layer=[H // 2 if cfg.n_layers // 4 <= i < cfg.n_layers - cfg.n_layers // 4 else H for i in range(cfg.n_layers)]))]
+             (f"mea, middle half of the layers at G = {H // 2}", replace(cfg, kv_heads_per_layer=[
+                 H // 2 if cfg.n_layers // 4 <= i < cfg.n_layers - cfg.n_layers // 4 else H for i in range(cfg.n_layers)]))]
     return rows
 
 

@@ -228,6 +228,26 @@ def submit(sbatch: str, script: str, out: Path, wait: bool) -> int:
     return proc.returncode
 
 
+def render(args: argparse.Namespace, shape: Shape, hosts: list[str] | None, torchrun: str, program: list[str], overrides: list[str],
+           run_dir: str) -> tuple[dict[str, str], list[str] | None]:
+    """The backend's files (under <run_dir>/launch/) and the command this machine runs (None: one line per node to run by hand)."""
+    out = Path(run_dir) / "launch"
+    if args.backend == "slurm":
+        files = {"slurm.sbatch": render_sbatch(args, shape, torchrun, program, run_dir)}
+        command = ["sbatch", str(out / "slurm.sbatch")]
+    elif args.backend == "torchrun":
+        endpoint = f"{shape.master_addr}:{shape.master_port}"
+        per_node = [torchrun_command(torchrun, shape, rank, endpoint, args.job_name, program) for rank in range(shape.nodes)]
+        files = {"torchrun.sh": "#!/bin/bash\n# one line per node; run line i on node i\n" + "".join(shlex.join(c) + "\n" for c in per_node)}
+        command = per_node[args.node_rank] if args.node_rank is not None else None
+    else:
+        hosts = hosts or ["localhost"]
+        files = {"hostfile": hostfile(hosts, shape.procs_per_node)}
+        command = deepspeed_command(shape, out / "hostfile", overrides, run_dir)
+        files["deepspeed.sh"] = "#!/bin/bash\n" + shlex.join(command) + "\n"
+    return files, command
+
+
 def launch(argv: list[str]) -> int:
     args, overrides = parse(argv)
     hosts = args.hosts.split(",") if args.hosts else None
@@ -244,19 +264,7 @@ def launch(argv: list[str]) -> int:
     executable = find_tool(tool)
     torchrun = find_tool("torchrun") or "torchrun"  # absolute where it can be: a job's shell has no activated environment
 
-    if args.backend == "slurm":
-        files = {"slurm.sbatch": render_sbatch(args, shape, torchrun, program, run_dir)}
-        command = ["sbatch", str(out / "slurm.sbatch")]
-    elif args.backend == "torchrun":
-        endpoint = f"{shape.master_addr}:{shape.master_port}"
-        per_node = [torchrun_command(torchrun, shape, rank, endpoint, args.job_name, program) for rank in range(nodes)]
-        files = {"torchrun.sh": "#!/bin/bash\n# one line per node; run line i on node i\n" + "".join(shlex.join(c) + "\n" for c in per_node)}
-        command = per_node[args.node_rank] if args.node_rank is not None else None
-    else:
-        hosts = hosts or ["localhost"]
-        files = {"hostfile": hostfile(hosts, shape.procs_per_node)}
-        command = deepspeed_command(shape, out / "hostfile", overrides, run_dir)
-        files["deepspeed.sh"] = "#!/bin/bash\n" + shlex.join(command) + "\n"
+    files, command = render(args, shape, hosts, torchrun, program, overrides, run_dir)
     files["config.yaml"] = OmegaConf.to_yaml(cfg, resolve=False)
 
     if args.dry_run:

@@ -10,20 +10,86 @@ is found by its manifest on resume and passed over.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from mea import distributed
-from mea.config import ConfigError
+from mea.config import ConfigError, TrainConfig
 from mea.run_directory import CHECKPOINT_FORMAT, RunDirectory, damage, seal, sync_folder
 
 from .engine import Engine
 from .errors import TrainingError
+
+
+@dataclass
+class TrainState:
+    """What a run carries from step to step, and a checkpoint saves: the step, the bad-loss counters, the losses
+    since the last metrics row (so that a resumed curve is the uninterrupted one), the last validation loss and
+    the W&B run to resume. The clock fields (not saved) time this process's part of the run."""
+    step: int = 0
+    bad_steps_total: int = 0
+    bad_in_a_row: int = 0
+    window_losses: list[float] = field(default_factory=list)
+    val_loss: float = math.nan
+    wandb_id: str | None = None
+    wall_time_s: float = 0.0  # of the processes before this one
+    start_step: int = field(default=0, init=False)
+    start_time: float = field(default_factory=time.perf_counter, init=False)
+
+    def __post_init__(self):
+        self.start_step = self.step
+
+    def record(self, loss: float) -> None:
+        """The step just taken, with its loss (NaN where the step was skipped)."""
+        self.step += 1
+        if math.isfinite(loss):
+            self.bad_in_a_row = 0
+            self.window_losses.append(loss)
+        else:
+            self.bad_in_a_row += 1
+            self.bad_steps_total += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start_time
+
+    def saved(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init} | {"wall_time_s": self.wall_time_s + self.elapsed()}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> TrainState:
+        """From a checkpoint's trainer_state.json (which also holds the model's shape and the engine)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.init and f.name in saved})
+
+
+class Checkpointer:
+    """A run's checkpoints: when one is due, the sealed save (every rank takes part), the pruning to
+    trainer.keep_checkpoints, and the load on resume."""
+
+    def __init__(self, engine: Engine, run_dir: RunDirectory, cfg: TrainConfig):
+        self.engine, self.run_dir = engine, run_dir
+        self.every, self.last_step, self.keep = cfg.trainer.checkpoint_every, cfg.trainer.max_steps, cfg.trainer.keep_checkpoints
+        self.shape = {"model": asdict(cfg.model), "attention": asdict(cfg.attention), "deepspeed": cfg.deepspeed.enabled}  # check_compatible reads it
+
+    def due(self, step: int, stopping: bool) -> bool:
+        return step == self.last_step or stopping or bool(self.every and step % self.every == 0)
+
+    def save(self, state: TrainState) -> Path:
+        return save(self.engine, self.run_dir, state.saved() | self.shape, self.keep)
+
+    def load(self, folder: Path | None) -> TrainState:
+        return TrainState() if folder is None else TrainState.from_saved(load(self.engine, folder))
+
+    def latest(self) -> Path | None:
+        kept = self.run_dir.checkpoints()
+        return kept[-1] if kept else None
 
 
 def failpoint(stage: str, step: int) -> None:
@@ -32,8 +98,16 @@ def failpoint(stage: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def compatible_resume_point(run_dir: RunDirectory, cfg: TrainConfig, rank: int) -> Path | None:
+    """The checkpoint to resume from, verified by rank 0, agreed by every rank, and refused (before any compute)
+    if it holds another model shape, variant or engine."""
+    folder = find_resume_point(run_dir, cfg.trainer.resume, cfg.trainer.resume_from, rank)
+    if folder is not None:
+        check_compatible(folder, read_state(folder), asdict(cfg.model), asdict(cfg.attention), cfg.deepspeed.enabled)
+    return folder
+
+
 def find_resume_point(run_dir: RunDirectory, resume: bool, resume_from: str | None, rank: int) -> Path | None:
-    """The checkpoint to resume from, verified by rank 0 and agreed by every rank."""
     if resume_from is not None:
         folder = Path(resume_from)
         if not (folder / "trainer_state.json").is_file():

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +21,17 @@ from tqdm import tqdm
 from mea import distributed
 from mea.config import ConfigError, TrainConfig, batch_plan, validate
 from mea.cpu_heap import keep_freed_memory
-from mea.data import Batches, TokenWindows, prepare, validation_batches
+from mea.data import Batches, PreparedCorpus, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
 from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
-from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments, identity_of, write_synced
-from mea.runs import code_version
+from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments, copy_synced, identity_of
 
 from . import checkpoint
+from .checkpoint import Checkpointer, TrainState
 from .engine import Engine, build_engine, compiles, describe, setup_distributed
 from .errors import Diverged
-from .metrics import MetricsLogger, peak_flops
+from .metrics import MetricsLogger, StepMetrics
+from .summary import RunSummary, finished_summary
 
 
 
@@ -102,20 +101,20 @@ class StopFlag:
     The signal stays recorded for the process (`StopFlag.received`): a multirun ends after the run that saw it
     (train.py) instead of going on to the next.
 
-    A handler some host process installed before the trainer's is called once the run has saved (`hand_on`).
+    A handler some host process installed before the trainer's is called once the run has saved (`call_earlier_handler`).
     Under submitit that is its preemption handler, so the two cooperate: the trainer saves, then submitit
     requeues the job (`scontrol requeue`) and exits, and the requeued task resumes from the checkpoint."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
     received: int | None = None
-    earlier: dict[int, Callable] = {}
+    earlier_handlers: dict[int, Callable] = {}
 
     def __init__(self):
         for sig in self.SIGNALS:
             previous = signal.signal(sig, self._set)
             # Python's own Ctrl-C handler would raise KeyboardInterrupt after the save; a multirun's earlier run left ours
             if callable(previous) and previous is not signal.default_int_handler and previous != StopFlag._set:
-                StopFlag.earlier[sig] = previous
+                StopFlag.earlier_handlers[sig] = previous
 
     @classmethod
     def _set(cls, signum, frame) -> None:
@@ -124,9 +123,9 @@ class StopFlag:
         cls.received = signum
 
     @classmethod
-    def hand_on(cls) -> None:
+    def call_earlier_handler(cls) -> None:
         """After the run saved: the signal's earlier handler, if it had one (submitit's requeue, which exits)."""
-        if (handler := cls.earlier.get(cls.received)) is not None:
+        if (handler := cls.earlier_handlers.get(cls.received)) is not None:
             handler(cls.received, None)
 
     def agreed(self) -> bool:
@@ -151,13 +150,13 @@ def sole_writer(run_dir: RunDirectory, rank: int):
             lease.__exit__(None, None, None)
 
 
-def run(dict_cfg: DictConfig) -> dict:
+def run(composed: DictConfig) -> dict:
     """Train one model as the config says, in a run directory that holds this run alone (mea.run_directory)."""
-    validate(dict_cfg)
-    device = pick_device(dict_cfg.trainer.device)
+    validate(composed)
+    device = pick_device(composed.trainer.device)
     if device.type == "cpu":
         keep_freed_memory()
-    cfg = resolve(OmegaConf.to_object(dict_cfg), device)
+    cfg = resolve(OmegaConf.to_object(composed), device)
     check_amendments(cfg)
     run_dir = RunDirectory(cfg.run_dir)
     amended = run_dir.check(identity_of(cfg), cfg.trainer.amend)  # before any compute; the corpus's key is checked once it is known
@@ -187,161 +186,119 @@ def out_of_memory_line(error: torch.OutOfMemoryError, micro: int, device: torch.
 
 
 def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, micro: int, rank: int, world_size: int) -> dict:
-    """The training run proper: data, model, engine, resume, the loop, the summary."""
-    tc = cfg.trainer
-    resume_point = checkpoint.find_resume_point(run_dir, tc.resume, tc.resume_from, rank)
-    if resume_point is not None:
-        saved = checkpoint.read_state(resume_point)
-        checkpoint.check_compatible(resume_point, saved, asdict(cfg.model), asdict(cfg.attention), cfg.deepspeed.enabled)
-
-    if rank == 0:  # one process tokenises; the others then find it in the cache
-        corpus = prepare(cfg.data)
-    distributed.barrier()
-    if rank != 0:
-        corpus = prepare(cfg.data, log=lambda _: None)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
-    cfg = replace(cfg, model=model.cfg, arm=cfg.label)  # W&B groups runs by config.arm
-    identity = identity_of(cfg, corpus.path.name)
-    amended = run_dir.check(identity, tc.amend)
-    if tc.init_from is not None and resume_point is None:
-        load_model(model, str(Path(tc.init_from) / "model.safetensors"))
-    engine = build_engine(model, cfg, device, micro, world_size)
-    train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), tc.global_batch, seed=tc.seed, rank=rank, world_size=world_size)
+    """The algorithm: build, resume, then each step train, log, evaluate when due, checkpoint when due, stop when
+    asked; then the summary."""
+    trainer = cfg.trainer
+    resume_point = checkpoint.compatible_resume_point(run_dir, cfg, rank)  # before any compute
+    corpus = prepare_once(cfg, rank)
+    cfg, engine = build(cfg, corpus, device, micro, world_size, resume_point)
+    checkpointer = Checkpointer(engine, run_dir, cfg)
+    state = checkpointer.load(resume_point)
+    train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), trainer.global_batch, seed=trainer.seed, rank=rank, world_size=world_size)
     val_windows = TokenWindows(corpus.shards("val"), cfg.data.seq_len)
-
-    state = {"step": 0, "bad_steps_total": 0, "window_losses": [], "val_loss": float("nan"), "wandb_id": None, "wall_time_s": 0.0}
-    if resume_point is not None:
-        state.update(checkpoint.load(engine, resume_point))
-    start_step = state["step"]
-    params, flops_per_token = model.parameter_counts(), model.flops_per_token(cfg.data.seq_len)  # from the config: ZeRO-3's partitions hold nothing to count
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    run_name = f"{cfg.label}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{tc.seed}"
-    tags = (f"variant:{cfg.label}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{tc.seed}")  # W&B filters by these
-    metrics = MetricsLogger(run_dir.path, cfg.logger, run_name, resolved, enabled=rank == 0, resume_step=state["step"], wandb_id=state["wandb_id"], tags=tags)
-    if rank == 0:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.record(identity, amended, start_step)
-        (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        save_hydra_record(run_dir.path / ".hydra")
-        print(f"{cfg.label} · {cfg.model.name}: {params['total']:,} parameters ({params['non_embedding']:,} non-embedding), {flops_per_token:,.0f} FLOPs a token · "
-              f"{describe(engine)} · {world_size} process(es) on {device}")
-        if resume_point is not None:
-            print(f"resuming from {resume_point} at step {state['step']}")
-
-    tokens_per_step = tc.global_batch * cfg.data.seq_len
-    peak = peak_flops(device, tc.peak_tflops)
+    counts, flops_per_token = engine.model.parameter_counts(), engine.model.flops_per_token(cfg.data.seq_len)  # from the config: ZeRO-3's partitions hold nothing to count
+    summaries = RunSummary(cfg, run_dir, corpus, counts, flops_per_token, world_size, len(train_batches.windows))
+    metrics = start_record(cfg, run_dir, corpus, state, rank, resume_point, f"{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding), "
+                           f"{flops_per_token:,.0f} FLOPs a token · {describe(engine)} · {world_size} process(es) on {device}")
+    step_metrics = StepMetrics(trainer.global_batch * cfg.data.seq_len, flops_per_token, world_size, device, trainer.peak_tflops, state.step)
     stop = StopFlag()
-    if device.type == "cuda":  # this run's peak, not that of a run before it in the same process (a multirun)
-        torch.cuda.reset_peak_memory_stats(device)
-    bad_in_a_row, last_row = 0, {}
-    last_log_time = start_time = time.perf_counter()
-    wall_before = state["wall_time_s"]
-
-    def save_checkpoint(step: int) -> Path:
-        state.update(step=step, wandb_id=metrics.wandb_id, wall_time_s=wall_before + time.perf_counter() - start_time)
-        return checkpoint.save(engine, run_dir, {**state, "model": asdict(cfg.model), "attention": asdict(cfg.attention), "deepspeed": cfg.deepspeed.enabled}, tc.keep_checkpoints)
-
-    progress = tqdm(range(start_step, tc.max_steps), initial=start_step, total=tc.max_steps, desc=run_name, disable=rank != 0, dynamic_ncols=True)
-    for step in progress:
+    for step in tqdm(range(state.step, trainer.max_steps), initial=state.step, total=trainer.max_steps, desc=run_name(cfg), disable=rank != 0, dynamic_ncols=True):
         lr = engine.lr
         loss, grad_norm = engine.train_step(*train_batches(step))
-        done = step + 1
-        if math.isfinite(loss):
-            bad_in_a_row = 0
-            state["window_losses"].append(loss)
-        else:
-            bad_in_a_row += 1
-            state["bad_steps_total"] += 1
-            if bad_in_a_row >= tc.max_bad_steps:
-                kept = run_dir.checkpoints()
-                if rank == 0:  # a diverged run is a result too (an LR sweep records it), not a crash to retry
-                    write_json(run_dir.path / "summary.json", {"variant": cfg.label, "model": cfg.model.name, "diverged": True, "steps": done, "tokens": done * tokens_per_step,
-                                                          "params": params["total"], "non_embedding_params": params["non_embedding"], "final_train_loss": float("nan"),
-                                                          "final_val_loss": float("nan"), "bad_steps": state["bad_steps_total"], "wall_time_s": wall_before + time.perf_counter() - start_time, "run_dir": str(run_dir.path),
-                                                          "code": code_version()})
-                raise Diverged(
-                    f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {done}); stopped, last good checkpoint: "
-                    f"{kept[-1] if kept else 'none'}; lower optim.lr or raise trainer.max_bad_steps"
-                )
-
-        evaluating = done % tc.eval_every == 0 or done == tc.max_steps
-        if done % tc.log_every == 0 or evaluating:  # an eval step writes a row even off the log grid
-            now = time.perf_counter()
-            steps_in_window = max(1, len(state["window_losses"]))
-            row = {
-                "step": done,
-                "tokens": done * tokens_per_step,
-                "loss": sum(state["window_losses"]) / steps_in_window if state["window_losses"] else float("nan"),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": (done - last_row.get("step", start_step)) * tokens_per_step / (now - last_log_time),
-                "bad_steps": state["bad_steps_total"],
-            }
-            if peak:
-                row["mfu"] = row["tokens_per_s"] * flops_per_token / world_size / peak
-            if device.type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        state.record(loss)
+        if state.bad_in_a_row >= trainer.max_bad_steps:
+            raise diverged(summaries, state, checkpointer, metrics, rank)
+        evaluating = state.step % trainer.eval_every == 0 or state.step == trainer.max_steps
+        if state.step % trainer.log_every == 0 or evaluating:  # an eval step writes a row even off the log grid
+            row, state.window_losses = step_metrics.row(state.step, state.window_losses, lr, grad_norm, state.bad_steps_total), []
             if evaluating:
-                state["val_loss"] = row["val_loss"] = evaluate(engine, val_windows, tc.eval_batches * tc.global_batch, micro, rank, world_size)
-                if tc.dynamics:
-                    row |= dynamics(engine, val_windows)
+                state.val_loss = row["val_loss"] = evaluate(engine, val_windows, trainer.eval_batches * trainer.global_batch, micro, rank, world_size)
+                row |= dynamics(engine, val_windows) if trainer.dynamics else {}
             metrics.log(row)
-            progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            state["window_losses"], last_log_time, last_row = [], time.perf_counter(), row
+            step_metrics.logged(row)
+        stopping = stop.agreed()
+        if checkpointer.due(state.step, stopping):
+            checkpointer.save(state)
+        if stopping:
+            return stopped(summaries.of("stopped", state, step_metrics.last_loss, checkpointer.latest()), metrics, rank)
+    return finished(summaries, state, step_metrics.last_loss, checkpointer.latest(), metrics, rank)
 
-        preempted = stop.agreed()
-        if done == tc.max_steps or preempted or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
-            saved_at = save_checkpoint(done)
-        if preempted:
-            if rank == 0:
-                print(f"stop signal: saved {saved_at}; the same command resumes from it")
-            metrics.close({})
-            return {"preempted": True, "step": done, "checkpoint": str(saved_at)}
 
-    final = run_dir.checkpoints()[-1]
-    summary = {}
+def prepare_once(cfg: TrainConfig, rank: int) -> PreparedCorpus:
+    """One process tokenises; the others then find the corpus in the cache."""
     if rank == 0:
-        tokenizer = corpus.tokenizer
-        publish_copy(final / "model.safetensors", run_dir.path / "model.safetensors")
-        wall = wall_before + time.perf_counter() - start_time
-        summary = {
-            "variant": cfg.label,
-            "model": cfg.model.name,
-            "params": params["total"],
-            "non_embedding_params": params["non_embedding"],
-            "flops_per_token": flops_per_token,
-            "steps": tc.max_steps,
-            "tokens": tc.max_steps * tokens_per_step,
-            "passes": tc.max_steps * tc.global_batch / len(train_batches.windows),  # over the training split: above ~4, data repeats too often
-            "final_train_loss": last_row.get("loss", float("nan")),
-            "final_val_loss": state["val_loss"],
-            "bad_steps": state["bad_steps_total"],
-            "wall_time_s": wall,
-            "tokens_per_s": (tc.max_steps - start_step) * tokens_per_step / (time.perf_counter() - start_time),
-            "world_size": world_size,
-            "run_dir": str(run_dir.path),
-            "data": corpus.path.name,
-            "data_content": corpus.content,
-            "code": code_version(),
-            "sample": generate_sample(run_dir.path / "model.safetensors", cfg, tokenizer, tc.sample_prompt, tc.sample_tokens),
-        }
-        write_json(run_dir.path / "summary.json", summary)
+        corpus = prepare(cfg.data)
+    distributed.barrier()
+    return corpus if rank == 0 else prepare(cfg.data, log=lambda _: None)
+
+
+def build(cfg: TrainConfig, corpus: PreparedCorpus, device: torch.device, micro: int, world_size: int, resume_point: Path | None) -> tuple[TrainConfig, Engine]:
+    """The model (its vocabulary from the corpus, its weights from trainer.init_from on a fresh start) in its
+    engine, and the config completed by it."""
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg, corpus.vocab_size, corpus.manifest["max_token_id"]).to(device)
+    cfg = replace(cfg, model=model.cfg, arm=cfg.label)  # W&B groups runs by config.arm
+    if cfg.trainer.init_from is not None and resume_point is None:
+        load_model(model, str(Path(cfg.trainer.init_from) / "model.safetensors"))
+    return cfg, build_engine(model, cfg, device, micro, world_size)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return f"{cfg.label}-{cfg.model.name}-lr{cfg.optim.lr:g}-s{cfg.trainer.seed}"
+
+
+def start_record(cfg: TrainConfig, run_dir: RunDirectory, corpus: PreparedCorpus, state: TrainState, rank: int, resume_point: Path | None,
+                 description: str) -> MetricsLogger:
+    """Check the run's identity now that the corpus is known, record it with the resolved config (rank 0), and
+    start the metrics."""
+    identity = identity_of(cfg, corpus.path.name)
+    amended = run_dir.check(identity, cfg.trainer.amend)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    tags = (f"variant:{cfg.label}", f"size:{cfg.model.name}", f"lr:{cfg.optim.lr:g}", f"seed:{cfg.trainer.seed}")  # W&B filters by these
+    metrics = MetricsLogger(run_dir.path, cfg.logger, run_name(cfg), resolved, enabled=rank == 0, resume_step=state.step, wandb_id=state.wandb_id, tags=tags)
+    state.wandb_id = metrics.wandb_id
+    if rank == 0:
+        run_dir.record(identity, amended, state.step)
+        (run_dir.path / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+        save_hydra_record(run_dir.path / ".hydra")
+        print(f"{cfg.label} · {cfg.model.name}: {description}")
+        if resume_point is not None:
+            print(f"resuming from {resume_point} at step {state.step}")
+    return metrics
+
+
+def diverged(summaries: RunSummary, state: TrainState, checkpointer: Checkpointer, metrics: MetricsLogger, rank: int) -> Diverged:
+    """A diverged run is a result too (an LR sweep records it), not a crash to retry: its summary is written."""
+    last_good = checkpointer.latest()
+    summary = summaries.of("diverged", state, math.nan, last_good)
+    if rank == 0:
+        summaries.write(summary)
+    metrics.close(summary)
+    return Diverged(f"the loss was not finite for {state.bad_in_a_row} steps in a row (up to step {state.step}); stopped, last good checkpoint: "
+                    f"{last_good or 'none'}; lower optim.lr or raise trainer.max_bad_steps")
+
+
+def stopped(summary: dict, metrics: MetricsLogger, rank: int) -> dict:
+    if rank == 0:
+        print(f"stop signal: saved {summary['checkpoint']}; the same command resumes from it")
+    metrics.close(summary)
+    return summary
+
+
+def finished(summaries: RunSummary, state: TrainState, final_train_loss: float, final: Path, metrics: MetricsLogger, rank: int) -> dict:
+    """Publish the last checkpoint's weights as the run's model, and write the summary with a sample from them."""
+    summary = summaries.of("finished", state, final_train_loss, final)
+    if rank == 0:
+        weights = summaries.run_dir.path / "model.safetensors"
+        copy_synced(final / "model.safetensors", weights)
+        summary["sample"] = summaries.sample(weights)
+        summaries.write(summary)
         print(f"final train loss {summary['final_train_loss']:.4f} · val loss {summary['final_val_loss']:.4f} · perplexity {math.exp(summary['final_val_loss']):.1f}")
-        print(f"run directory: {run_dir.path}")
+        print(f"run directory: {summaries.run_dir.path}")
         print(f"sample: {summary['sample']!r}")
     metrics.close(summary)
     distributed.barrier()
     return summary
-
-
-def finished_summary(run_dir: Path, max_steps: int) -> dict | None:
-    """The summary of a run that already reached max_steps or diverged, so that running it again does nothing."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("diverged") or summary.get("steps") == max_steps else None
 
 
 def save_hydra_record(folder: Path) -> None:
@@ -351,23 +308,3 @@ def save_hydra_record(folder: Path) -> None:
         folder.mkdir(exist_ok=True)
         OmegaConf.save(HydraConfig.get().overrides.task, folder / "overrides.yaml")
         OmegaConf.save({"hydra": HydraConfig.get()}, folder / "hydra.yaml")
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_synced(path, json.dumps(data, indent=1))
-
-
-def publish_copy(source: Path, target: Path) -> None:
-    """Copy a file into place whole or not at all."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
-
-
-def generate_sample(weights: Path, cfg: TrainConfig, tokenizer, prompt: str, n_tokens: int) -> str:
-    """A short generation from the saved weights, on one CPU process whatever the training engine was."""
-    model = LM(cfg.model, cfg.attention).eval()
-    load_model(model, str(weights))
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids])
-    out = model.generate(ids, n_tokens, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
-    return tokenizer.decode(out[0].tolist())

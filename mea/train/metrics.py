@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from mea.config import LoggerConfig
+from mea.run_directory import write_synced
 
 # Dense bf16 matrix-multiply peaks, for MFU where trainer.peak_tflops is not given.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -35,9 +38,34 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in rows))
-    tmp.replace(path)
+    write_synced(path, "".join(line + "\n" for line in rows))
+
+
+class StepMetrics:
+    """The row of a logged step: the mean loss since the last row, the LR and gradient norm, throughput since the
+    last row (the evaluation before it excluded), MFU where a peak is known, and the GPU memory peak."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int, device: torch.device, peak_tflops: float | None, start_step: int):
+        self.tokens_per_step, self.flops_per_token, self.world_size, self.device = tokens_per_step, flops_per_token, world_size, device
+        self.peak = peak_flops(device, peak_tflops)
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.last_loss = math.nan
+        if device.type == "cuda":  # this run's peak, not that of a run before it in the same process (a multirun)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def row(self, step: int, losses: list[float], lr: float, grad_norm: float, bad_steps: int) -> dict:
+        tokens_per_s = (step - self.last_step) * self.tokens_per_step / (time.perf_counter() - self.last_time)
+        row = {"step": step, "tokens": step * self.tokens_per_step, "loss": sum(losses) / len(losses) if losses else math.nan,
+               "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "bad_steps": bad_steps}
+        if self.peak:
+            row["mfu"] = tokens_per_s * self.flops_per_token / self.world_size / self.peak
+        if self.device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return row
+
+    def logged(self, row: dict) -> None:
+        """The window of the next row starts now, after this one's evaluation."""
+        self.last_step, self.last_time, self.last_loss = row["step"], time.perf_counter(), row["loss"]
 
 
 class MetricsLogger:

@@ -41,7 +41,8 @@ class DifferentialAttention(MultiHeadAttention):
     def __init__(self, cfg: DiffConfig, shape: HeadShape, layer_idx: int):
         if cfg.pair_heads:
             if shape.n_heads % 2 or shape.n_kv_heads % 2:
-                raise ValueError(f"attention.pair_heads=true needs even model.n_heads and model.n_kv_heads (each pair of heads is one head); got {shape.n_heads} and {shape.n_kv_heads}: choose even counts or set attention.pair_heads=false")
+                raise ValueError(f"attention.pair_heads=true needs even model.n_heads and model.n_kv_heads (each pair of heads is one head); "
+                                 f"got {shape.n_heads} and {shape.n_kv_heads}: choose even counts or set attention.pair_heads=false")
             shape = HeadShape(shape.dim, shape.n_heads // 2, shape.n_kv_heads // 2)
         super().__init__(cfg, shape, layer_idx)
         if shape.head_dim % 4:
