@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -207,7 +208,7 @@ def row(variant, loss, std=0.01, seeds=3, base=3.70):
 
 
 def test_what_changed_says_which_arms_reading_moved_since_the_previous_report(tmp_path):
-    """Read against a report's own table (the published one of 2026-11-30): tha was lower than mha beyond noise
+    """Read against a report's readings (the published one of 2026-11-30, converted from its table): tha was lower than mha beyond noise
     then (3.3037 ± 0.0084 against 3.3422 ± 0.0090, three seeds each); given rows that put it within noise now, and
     mea within noise as then, the table gives both readings and the line after it names tha alone."""
     from types import SimpleNamespace
@@ -218,13 +219,18 @@ def test_what_changed_says_which_arms_reading_moved_since_the_previous_report(tm
     spec = SimpleNamespace(baseline="mha", previous_report=previous)
     rows = [row("mha", 3.3354, std=0.04, base=3.3354), row("mea", 3.3459, std=0.02, base=3.3354), row("tha", 3.3184, std=0.02, base=3.3354),
             row("new_arm", 3.30, seeds=1, base=3.3354)]
-    lines = what_changed(spec, rows, tmp_path, tmp_path / "report.md", None)
+    lines = what_changed(spec, {"steps": {}, "corpora": {"main": rows}}, tmp_path / "report.md", None)
     assert any(line.startswith("The [previous report](") and "paper_small_2026-11-30.md) against this one" in line for line in lines)
     assert "| tha | -0.0385 | lower | -0.0170 | within noise |" in lines and "| mea | +0.0015 | within noise | +0.0105 | within noise |" in lines
     assert "| mha_gqa | +0.0871 | higher | – | – |" in lines and "| new_arm | – | – | -0.0354 | – |" in lines
     assert "The reading moved for tha (lower then, within noise now)." in lines
-    steady = what_changed(spec, [r for r in rows if r["variant"] != "tha"], tmp_path, tmp_path / "report.md", None)
+    steady = what_changed(spec, {"steps": {}, "corpora": {"main": [r for r in rows if r["variant"] != "tha"]}}, tmp_path / "report.md", None)
     assert "No arm's reading against the baseline moved." in steady
+    (tmp_path / "old.md").write_text((Path(previous)).read_text())  # a report without its readings: one line, before any run
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace("docs/results/paper_small_2026-11-25.md", str(tmp_path / "old.md")))
+    with pytest.raises(SweepError, match=re.escape(f"previous_report={tmp_path / 'old.md'} has no {tmp_path / 'old' / 'readings.json'}, which its comparison is read from")):
+        check(load_protocol(spec))
 
 
 def test_the_bracket_claim_says_whether_a_missed_lr_could_move_a_reading():
