@@ -330,3 +330,58 @@ def test_compression_readings_are_read_not_remade_from_an_archive_and_under_a_re
     (out / "rows.json").unlink()
     with pytest.raises(SweepError, match=re.escape(f"{tmp_path / 'runs.tar.xz'} has no compression readings (compression/rows.json)")):
         run_compression(LocalRuns(archive=tmp_path / "runs.tar.xz"), p, out, source, [], lr)
+
+
+def test_the_plan_costs_each_stage_as_a_hand_computation_does_and_skips_finished_runs(tmp_path):
+    """--plan on the micro spec with target runs of two GPUs each: the target stage's figures by hand (3 arms × 2
+    seeds, 16 steps of 8 × 32 tokens, FLOPs 6N + 12·L·C·T with the arm's own N), one finished run costing nothing;
+    its refusals in one line, before anything is composed or written."""
+    from dataclasses import replace as with_
+
+    from mea.models import parameter_counts
+    from mea.scaling.sweep import compose_run
+    from omegaconf import OmegaConf
+
+    spec = tmp_path / "micro.yaml"
+    resources = "resources: {target: {nodes: 1, gpus_per_node: 2, deepspeed: zero2}}\n"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare=tmp_path / "unused.txt") + resources)
+    finished = tmp_path / "runs" / "compare-main" / "mea" / "s1"
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--plan", "--mfu", "0.4", "--gpu", "H100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flops, longest = 0.0, 0.0
+    for arm, extra in (("mha", ["attention=mha"]), ("mea", ["attention=mea"]), ("mha_gqa", ["attention=mha", "model.n_kv_heads=2"])):
+        cfg = OmegaConf.to_object(compose_run(["model=tiny", "data.seq_len=32", "trainer.global_batch=8", "model.n_layers=2", "model.dim=96", "model.n_heads=4", *extra]))
+        model = with_(cfg.model, vocab_size=cfg.data.vocab_size)
+        n = parameter_counts(model, cfg.attention)["non_embedding"] + model.vocab_size * model.dim
+        flops += (1 if arm == "mea" else 2) * 4096 * (6 * n + 12 * 2 * 96 * 32)  # mea's seed 1 is done
+        longest = max(longest, 4096 * (6 * n + 12 * 2 * 96 * 32))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| target |"))
+    assert row == f"| target | 6 | 1 | {5 * 4096:.3g} | {flops:.3g} | 2 | {flops / (0.4 * 989e12) / 3600:.3g} | {longest / (0.4 * 989e12) / 3600 / 2:.3g} h |"
+    assert "Rate: MFU 0.4 stated, of 989 TFLOP/s a GPU (H100)." in proc.stdout and "| **total** |" in proc.stdout
+    for extra_args, error in [((), "--plan needs a rate: --throughput runs/gpu-check/<card>-<date>.json (`make gpu-check` on your GPUs), or --mfu 0.35 --gpu H100"),
+                              (("--mfu", "0.4"), "--mfu needs the card's peak: give --gpu (H200, H100, A100) or --peak-tflops"),
+                              (("--throughput", str(tmp_path / "none.json")), f"--throughput {tmp_path / 'none.json'} does not exist")]:
+        proc = run_cli("-m", "mea.studies.experiment", str(spec), "--plan", *extra_args)
+        assert proc.returncode == 2 and error in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare=tmp_path / "unused.txt") + "resources: {target: {nodes: 1, gpus_per_node: 3, deepspeed: zero2}}\n")
+    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--plan", "--mfu", "0.4", "--gpu", "H100")
+    assert proc.returncode == 2 and "resources.target (1 × 3 GPUs): trainer.global_batch=8 is not a multiple of trainer.micro_batch=2 × world size 3" in proc.stderr, proc.stderr
+    for bad, error in [("{targets: {}}", "resources.targets: not a stage; the stages are sweep, stability, target"),
+                       ("{target: {gpus_per_node: 4}}", "resources.target: 4 GPUs a run train under DeepSpeed; give deepspeed: zero1, zero2 or zero3")]:
+        spec.write_text(SPEC.format(out=tmp_path, shakespeare=tmp_path / "unused.txt") + f"resources: {bad}\n")
+        with pytest.raises(SweepError, match=re.escape(error)):
+            check(load_protocol(spec))
+
+
+@pytest.mark.parametrize("name", ["paper_gpu_small", "paper_gpu"])
+def test_a_gpu_specs_header_states_the_totals_of_its_own_plan(name):
+    """The GPU-scale specs plan here, with no GPU and no scheduler, and their headers say what their plans total."""
+    from mea.studies.experiment import cost_plan
+    from mea.studies.plan import Rates
+
+    path = Path(__file__).resolve().parents[1] / "sweeps" / f"{name}.yaml"
+    total = next(line for line in cost_plan(load_protocol(path), Rates.from_mfu(0.35, "H100", None)).splitlines() if line.startswith("| **total** |"))
+    runs, _, tokens, flops, _, gpu_hours, wall = [cell.strip(" *") for cell in total.strip("|").split("|")[1:]]
+    assert f"#   {runs} runs, {tokens} tokens, {flops} FLOPs, {gpu_hours} GPU-hours, {wall} of wall time\n" in path.read_text(), total

@@ -1,5 +1,6 @@
 """`make gpu-check` where it can run here: its refusals in one line, its CUDA-suite report, and its trainer table
 over a CPU-sized multirun (the GPU's sizes are its own; the next GPU session runs it whole)."""
+import json
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from mea.studies.plan import Rates
 from mea.tools.gpu_check import cuda_suite, trainer_table
 
 from .conftest import QUICK, ROOT, run_cli
@@ -40,9 +42,14 @@ def test_the_cuda_suite_report_names_every_cuda_test(tmp_path):
 
 def test_the_trainer_table_has_a_row_for_every_variant_and_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    checks, rows, _ = trainer_table(tmp_path, overrides=(*QUICK, "trainer.max_steps=10", "trainer.eval_every=10", "trainer.dynamics=false"),
+    checks, rows, throughput, _ = trainer_table(tmp_path, overrides=(*QUICK, "trainer.max_steps=10", "trainer.eval_every=10", "trainer.dynamics=false"),
                                     variants=("mea",), engines=("none", "zero2"))
     assert [(name, result) for name, result, _ in checks] == [("trainer mea · none", "pass"), ("trainer mea · zero2", "pass")]
     assert all(re.fullmatch(r"[\d,]+ tokens/s, MFU nan, nan GiB", detail) for _, _, detail in checks)
     assert rows[0] == "| variant | engine | tokens/s | MFU | peak GiB | final loss |" and len(rows) == 2 + 2
     assert os.path.isfile(tmp_path / "trainer" / "attention=mea,deepspeed=zero2" / "summary.json")
+    summary = json.loads((tmp_path / "trainer" / "attention=mea,deepspeed=none" / "summary.json").read_text())
+    assert [(r["variant"], r["engine"], r["seq_len"], r["gpus"], r["flops_per_token"]) for r in throughput] == [("mea", "none", 64, 1, summary["flops_per_token"]),
+                                                                                                       ("mea", "zero2", 64, 1, summary["flops_per_token"])]
+    (tmp_path / "table.json").write_text(json.dumps({"card": "cpu", "rows": throughput}))  # what main writes beside the table: the rate --plan costs at
+    assert Rates.from_table(tmp_path / "table.json").flops_per_s("mea") == throughput[0]["tokens_per_s"] * summary["flops_per_token"]

@@ -189,6 +189,17 @@ def planned_runs(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], 
             for lr in lr_grid(spec) for seed in spec.seeds}
 
 
+def sweep_runs(spec: SweepSpec) -> dict[Path, list[str]]:
+    """Every run of the spec: its folder and the overrides its multirun gives it."""
+    out, runs = Path(spec.out), {}
+    for size in spec.sizes:
+        for arm, overrides in spec.arm_overrides().items():
+            shared = shared_overrides(spec, size, arm, overrides)
+            runs |= {out / size.label / RUN_FOLDER.format(arm=arm, lr=lr, seed=seed): [*shared, f"optim.lr={lr}", f"trainer.seed={seed}"]
+                     for lr in lr_grid(spec) for seed in spec.seeds}
+    return runs
+
+
 def refuse_foreign_runs(plans: dict[RunDirectory, dict], out: Path) -> None:
     """Stop, naming them, where runs of the spec's folders hold another identity (the spec changed under them)."""
     foreign = {run: changes for run, identity in plans.items() if (changes := run.differences(identity))}

@@ -45,10 +45,12 @@ from mea.scaling.sweep import (
     not_diverged,
     read_results,
     run_sweep,
+    sweep_runs,
 )
 from mea.studies.archive import pack, sitting_of_archive, unpack
 from mea.studies.claims import check_claims
 from mea.studies.init_audit import REFERENCE, finding
+from mea.studies.plan import Rates, plan, render
 from mea.studies.protocol import LocalRuns
 from mea.studies.report import Findings, check_previous_report, write_report
 from mea.studies.trust import verified_lrs
@@ -108,6 +110,23 @@ class InitChecks:
     arms: list[str] = field(default_factory=list)  # which arms; none: every arm
 
 
+STAGES = ("sweep", "stability", "target", "second_corpus", "lr_bracket", "init_check", "compression")
+STAGE_CORPUS = {"target": "main", "second_corpus": "second"}
+
+
+@dataclass
+class Resources:
+    """What each run of a stage is given on a cluster: nodes × GPUs each; several ranks train under DeepSpeed."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    deepspeed: str = "none"  # a conf/deepspeed preset (zero1, zero2, zero3) for runs of several GPUs
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
 @dataclass
 class Protocol:
     name: str
@@ -125,7 +144,11 @@ class Protocol:
     claims: str = ""  # the study whose claims the report reads against the runs (a module of mea/studies/claims); none: no claims
     out: str = "runs/experiments/${name}"
     report: str = "docs/results/${name}.md"
+    resources: dict[str, Resources] = field(default_factory=dict)  # stage (STAGES) -> what each of its runs is given on a cluster; default one GPU
     spec: str = ""  # the file it was read from, for the report's command line
+
+    def resources_of(self, stage: str) -> Resources:
+        return self.resources.get(stage, Resources())
 
 
 def load_protocol(path: Path) -> Protocol:
@@ -328,16 +351,32 @@ def run_compression(runs: LocalRuns, p: Protocol, out: Path, source_run: Path, c
     return rows
 
 
-def stability_probe(p: Protocol, out: Path, collect_only: bool = False) -> Path | None:
+def stability_spec(p: Protocol, out: Path) -> SweepSpec | None:
     """The LR grid continued past lr_max, at the same spacing, at the largest size only: where each arm fails to train.
-    Kept apart from the sweep so that the LR laws are fitted on the same grid for every arm."""
+    Kept apart from the sweep so that the LR laws are fitted on the same grid for every arm. None: no probe."""
     s = p.sweep
     step = (math.log10(s.lr_max) - math.log10(s.lr_min)) / (s.lr_points - 1)
     n = round((math.log10(p.stability_lr_max) - math.log10(s.lr_max)) / step) if p.stability_lr_max > s.lr_max else 0
     if n < 1:
         return None
-    probe = replace(s, sizes=[s.sizes[-1]], lr_min=s.lr_max * 10**step, lr_max=s.lr_max * 10 ** (n * step), lr_points=n, out=str(out / "stability"))
-    return run_sweep(probe, collect_only=collect_only)
+    return replace(s, sizes=[s.sizes[-1]], lr_min=s.lr_max * 10**step, lr_max=s.lr_max * 10 ** (n * step), lr_points=n, out=str(out / "stability"))
+
+
+def stage_runs(p: Protocol, out: Path, lrs: dict[str, dict] | None = None) -> dict[str, dict[Path, list[str]]]:
+    """Every run of a sitting by stage (STAGES): its folder and overrides. Before the sweep is fitted (lrs=None) each
+    arm stands at the grid's top LR: an LR changes a run's identity, not its folder or its cost."""
+    lrs = lrs or {arm: {"lr": p.sweep.lr_max} for arm in p.sweep.arm_overrides()}
+    stages = {"sweep": sweep_runs(p.sweep), "stability": sweep_runs(probe) if (probe := stability_spec(p, out)) else {}}
+    for stage, (data, seeds, tokens) in (("target", corpora(p)["main"]), ("second_corpus", corpora(p).get("second", ([], [], 0)))):
+        stages[stage] = {run: o for arm, chosen in lrs.items() for run, o in seed_runs(p, out / f"compare-{STAGE_CORPUS[stage]}" / arm, arm, chosen["lr"], seeds, data, tokens).items()}
+    stages["lr_bracket"] = {run: o for run, o in first_bracket_runs(p, out, lrs).items() if run not in stages["target"]}
+    stages["init_check"] = dict(init_check_runs(p, out, lrs).values())
+    # the recovery runs as they cost: the target's model at the recovery's share of its tokens (their weights come from the conversion)
+    arm, recover = p.compression.arm, round(p.compression.recover_share * p.target.tokens)
+    settings = ["uncompressed", *(f"kv{g}-{name}" for g in p.compression.kv_heads for name in p.compression.layer_sets)]
+    stages["compression"] = {out / "compression" / f"{name}-recover": target_overrides(p, arm, lrs[arm]["lr"] * p.compression.lr_scale, p.target.seeds[0], [], recover)
+                             for name in settings}
+    return stages
 
 
 def check(p: Protocol) -> None:
@@ -373,6 +412,13 @@ def check(p: Protocol) -> None:
             compose_run([f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, *overrides])
         except SweepError as e:
             raise SweepError(f"init_checks.settings.{name}: {e}") from None
+    for stage, given in p.resources.items():
+        if stage not in STAGES:
+            raise SweepError(f"resources.{stage}: not a stage; the stages are {', '.join(STAGES)}")
+        if given.nodes < 1 or given.gpus_per_node < 1:
+            raise SweepError(f"resources.{stage}: nodes={given.nodes}, gpus_per_node={given.gpus_per_node}; give each run at least one node and one GPU")
+        if given.gpus > 1 and given.deepspeed == "none":
+            raise SweepError(f"resources.{stage}: {given.gpus} GPUs a run train under DeepSpeed; give deepspeed: zero1, zero2 or zero3")
     c = p.compression
     if c.arm not in arms:
         raise SweepError(f"compression.arm={c.arm} is not one of the arms ({', '.join(arms)})")
@@ -394,7 +440,7 @@ def run(p: Protocol, archive: Path | None = None, resume_from: Path | None = Non
             unpack(given, out)
     runs = LocalRuns(archive)
     results = run_sweep(p.sweep, collect_only=archive is not None)
-    stability = stability_probe(p, out, collect_only=archive is not None)
+    stability = run_sweep(probe, collect_only=archive is not None) if (probe := stability_spec(p, out)) else None
 
     n_target = target_size(p)
     fitted = lr_law(results, FitSettings(targets=(f"{n_target:g}",), margin=p.margin))
@@ -441,17 +487,34 @@ def made_now(p: Protocol, wall_s: float) -> dict:
             "wall_s": wall_s, "init_audit": finding(load_spec(Path(p.init_audit)), REFERENCE) if p.init_audit else None}
 
 
+def cost_plan(p: Protocol, rates: Rates) -> str:
+    """The sitting's cost by stage on the GPUs its resources ask for (mea.studies.plan); each stage's batch is checked
+    against its runs' ranks on the way, so a shape the spec cannot train is refused before anything is submitted."""
+    check(p)
+    costs = plan(stage_runs(p, Path(p.out)), p.resources_of, rates)
+    return f"# {p.name}: the cost of a sitting ({p.spec})\n\n" + render(costs, p.resources_of, rates)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mea-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-archive", type=Path, metavar="RUNS_TAR_XZ", help="make the report again from a published report's runs.tar.xz alone, training nothing")
     source.add_argument("--pack", type=Path, metavar="RUNS_TAR_XZ", help="write the sitting's finished runs so far to one file, training nothing (to carry on elsewhere with --resume-from)")
-    source.add_argument("--resume-from", type=Path, metavar="RUNS_TAR_XZ", 
+    source.add_argument("--resume-from", type=Path, metavar="RUNS_TAR_XZ",
                         help="start from an archive's finished runs (--pack's, or a report's) in an empty run folder, and train what the spec still lacks")
+    source.add_argument("--plan", action="store_true", help="print what the sitting costs by stage (runs, tokens, FLOPs, GPU-hours, wall time), training nothing")
+    rate = parser.add_argument_group("the rate --plan costs at: a measured throughput table, or a stated MFU with the card")
+    rate.add_argument("--throughput", type=Path, metavar="JSON", help="`make gpu-check`'s table (runs/gpu-check/<card>-<date>.json)")
+    rate.add_argument("--mfu", type=float, help="the share of the card's peak a run reaches")
+    rate.add_argument("--gpu", help="the card, for its peak (H100, H200, A100)")
+    rate.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, where --gpu does not know it")
     args = parser.parse_args(argv)
     try:
         protocol_spec = load_protocol(args.spec)
+        if args.plan:
+            print(cost_plan(protocol_spec, rates_of(args)), end="")
+            return
         path = pack_sitting(protocol_spec, args.pack) if args.pack else run(protocol_spec, args.from_archive, args.resume_from)
     except SweepStopped as e:
         print(e, file=sys.stderr)
@@ -460,6 +523,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {path} ({platform.node()})")
+
+
+def rates_of(args: argparse.Namespace) -> Rates:
+    if args.throughput is not None:
+        return Rates.from_table(args.throughput)
+    if args.mfu is not None:
+        return Rates.from_mfu(args.mfu, args.gpu, args.peak_tflops)
+    raise SweepError("--plan needs a rate: --throughput runs/gpu-check/<card>-<date>.json (`make gpu-check` on your GPUs), or --mfu 0.35 --gpu H100")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 3. a short trainer run of each variant under each engine (plain PyTorch, ZeRO 1, 2, 3) at model=125m, T 1024,
    batch 16, in bf16, eager: tokens/s and MFU over its last 10 steps, and peak memory.
 
-The table goes to stdout and to runs/gpu-check/<card>-<date>.md, which BENCHMARKS.md quotes. Where the project's
+The table goes to stdout and to runs/gpu-check/<card>-<date>.md, which BENCHMARKS.md quotes; beside it, the
+trainer runs' throughput as data (<card>-<date>.json), which `mea-experiment SPEC --plan --throughput` costs a sitting at. Where the project's
 dependencies are missing (a bare GPU image), or no GPU is visible, it says so in one line and exits 1.
 Imports the standard library alone until those checks pass.
 """
@@ -74,14 +75,15 @@ def cuda_suite(folder: Path) -> tuple[list[tuple[str, str, str]], float]:
     return checks, seconds
 
 
-def trainer_table(folder: Path, overrides=TRAINER_RUN, variants=VARIANTS, engines=ENGINES) -> tuple[list[tuple[str, str, str]], list[str], float]:
-    """Every variant under every engine, one Hydra multirun (one process): a check each, and the table's rows."""
+def trainer_table(folder: Path, overrides=TRAINER_RUN, variants=VARIANTS, engines=ENGINES) -> tuple[list[tuple[str, str, str]], list[str], list[dict], float]:
+    """Every variant under every engine, one Hydra multirun (one process): a check each, the table's rows, and the
+    throughput rows that `mea-experiment --plan` costs a sitting at."""
     sweep = folder / "trainer"
     fixed = ",".join(o.split("=")[0] for o in overrides)  # each run's folder is named by its variant and engine alone
     steps = int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=")[1])
     proc, seconds = timed([sys.executable, "train.py", "-m", *overrides, f"attention={','.join(variants)}", f"deepspeed={','.join(engines)}", f"hydra.sweep.dir={sweep}",
                            "hydra.sweep.subdir=${hydra.job.override_dirname}", f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]"], timeout=1800)
-    checks, rows = [], ["| variant | engine | tokens/s | MFU | peak GiB | final loss |", "|---|---|---:|---:|---:|---:|"]
+    checks, rows, throughput = [], ["| variant | engine | tokens/s | MFU | peak GiB | final loss |", "|---|---|---:|---:|---:|---:|"], []
     for variant in variants:
         for engine in engines:
             metrics = sweep / f"attention={variant},deepspeed={engine}" / "metrics.jsonl"
@@ -93,7 +95,14 @@ def trainer_table(folder: Path, overrides=TRAINER_RUN, variants=VARIANTS, engine
             memory = last.get("peak_memory_gib", math.nan)
             checks.append((f"trainer {variant} · {engine}", "pass", f"{last['tokens_per_s']:,.0f} tokens/s, MFU {mfu:.3f}, {memory:.1f} GiB"))
             rows.append(f"| {variant} | {engine} | {last['tokens_per_s']:,.0f} | {mfu:.3f} | {memory:.1f} | {last['loss']:.3f} |")
-    return checks, rows, seconds
+            summary = json.loads((metrics.parent / "summary.json").read_text())
+            throughput.append({"variant": variant, "engine": engine, "model": summary["model"], "seq_len": seq_len(overrides), "gpus": summary["world_size"],
+                               "tokens_per_s": last["tokens_per_s"], "flops_per_token": summary["flops_per_token"], "mfu": mfu})
+    return checks, rows, throughput, seconds
+
+
+def seq_len(overrides) -> int:
+    return int(next(o for o in overrides if o.startswith("data.seq_len=")).split("=")[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         print(why, file=sys.stderr)
         sys.exit(1)
     import torch
+
+    from mea.run_directory import write_synced
 
     card = torch.cuda.get_device_name(0)
     today = datetime.date.today().isoformat()
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         proc, seconds = timed([sys.executable, f"bench/{script}", "--device", "cuda", *(["--rounds", "2"] if script == "train_step.py" else [])], timeout=900)
         benches.append((f"bench/{script} --device cuda", "pass" if proc.returncode == 0 else "fail", f"{seconds:.0f} s" if proc.returncode == 0 else proc.stderr.strip()[-160:]))
         quoted.append(f"`python bench/{script} --device cuda`\n```\n{(proc.stdout if proc.returncode == 0 else proc.stderr[-3000:]).rstrip()}\n```")
-    trainer_checks, trainer_rows, trainer_s = trainer_table(work)
+    trainer_checks, trainer_rows, throughput, trainer_s = trainer_table(work)
     checks += benches + trainer_checks
 
     failed = [c for c in checks if c[1] == "fail"]
@@ -129,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
              "| check | result | detail |", "|---|---|---|", *(f"| {name} | {result} | {detail.replace('|', '/')} |" for name, result, detail in checks), "",
              "Trainer runs (" + " ".join(TRAINER_RUN) + "):", "", *trainer_rows, "", *quoted]
     text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    print(text + f"\nwritten to {out}")
+    write_synced(out, text)
+    write_synced(out.with_suffix(".json"), json.dumps({"card": card, "date": today, "commit": commit, "torch": torch.__version__, "rows": throughput}, indent=1))
+    print(text + f"\nwritten to {out}, and its throughput table (mea-experiment SPEC --plan --throughput) to {out.with_suffix('.json')}")
     sys.exit(1 if failed else 0)
 
 
