@@ -385,3 +385,21 @@ def test_a_gpu_specs_header_states_the_totals_of_its_own_plan(name):
     total = next(line for line in cost_plan(load_protocol(path), Rates.from_mfu(0.35, "H100", None)).splitlines() if line.startswith("| **total** |"))
     runs, _, tokens, flops, _, gpu_hours, wall = [cell.strip(" *") for cell in total.strip("|").split("|")[1:]]
     assert f"#   {runs} runs, {tokens} tokens, {flops} FLOPs, {gpu_hours} GPU-hours, {wall} of wall time\n" in path.read_text(), total
+
+
+def test_every_run_of_a_sitting_is_in_the_experiments_wandb_group_tagged_with_its_stage(tmp_path):
+    from mea.scaling.sweep import compose_run
+    from mea.studies.experiment import STAGES, stage_runs
+    from mea.tools.compare import wandb_filters
+
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare=tmp_path / "unused.txt"))
+    p = load_protocol(spec)
+    stages = stage_runs(p, tmp_path / "runs")
+    assert set(stages) == set(STAGES) and all(stages.values())
+    for stage, runs in stages.items():
+        for overrides in runs.values():
+            assert f"logger.group={p.name}" in overrides and f"logger.tags=[stage:{stage}]" in overrides, (stage, overrides)
+    logger = compose_run(next(iter(stages["lr_bracket"].values()))).logger
+    assert logger.group == "micro" and list(logger.tags) == ["stage:lr_bracket"]  # the trainer adds variant:<arm>, size, lr and seed
+    assert wandb_filters("micro", "target") == {"group": "micro", "tags": {"$in": ["stage:target"]}} and wandb_filters(None, None) is None

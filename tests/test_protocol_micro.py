@@ -4,6 +4,7 @@ packed part way carries on from its archive. A file of its own: it is the suite'
 a file per test process."""
 import csv
 import json
+import platform
 import re
 import shutil
 from pathlib import Path
@@ -97,6 +98,7 @@ def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     assert re.search(r"\| uncompressed \(control: the same continued pretraining\) \| [\d.]+ \| [\d.]+ \| ", report)
     n_runs = len(list((tmp_path / "runs").rglob("summary.json")))
     assert f"{n_runs} training runs took" in report and f"mea-experiment {spec}" in report
+    assert f"· runs: {n_runs} on {platform.machine()} CPU · " in report and "# micro: the paper's claims at " in report  # where its runs trained, read from their summaries
     assert f"code: {code_version()} ({n_runs} runs)" in report  # every run names the commit that trained it
     recovery = next(line for line in report.splitlines() if line.startswith("python train.py") and "+experiment=recover" in line)
     assert "trainer.init_from=" in recovery and "compression/" in recovery

@@ -70,6 +70,7 @@ class SweepSpec:
     arms: dict[str, list[str]] = field(default_factory=dict)  # or named arms: label -> overrides (diff_nonorm: [attention=diff, attention.norm=false])
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)  # given to every run
+    tags: list[str] = field(default_factory=list)  # W&B tags of every run (the runs are grouped under the spec's name)
     out: str = "runs/sweeps/${name}"
 
     def arm_overrides(self) -> dict[str, list[str]]:
@@ -117,7 +118,8 @@ def shared_overrides(spec: SweepSpec, size: SweepSize, arm: str, arm_overrides: 
     base = [f"model={size.model}", *spec.overrides, *size.overrides, f"model.name={size.label}", *arm_overrides, f"arm={arm}"]
     cfg = compose_run(base)
     steps = max(1, math.ceil(size.tokens / batch_plan(cfg).tokens_per_step))
-    return [*base, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"logger.group={spec.name}"]
+    tags = [f"logger.tags=[{','.join(spec.tags)}]"] if spec.tags else []
+    return [*base, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"logger.group={spec.name}", *tags]
 
 
 RUN_FOLDER = "{arm}/lr{lr}-s{seed}"  # under the size's folder: Hydra's sweep subdir, and where `finished` looks

@@ -111,7 +111,7 @@ class InitChecks:
 
 
 STAGES = ("sweep", "stability", "target", "second_corpus", "lr_bracket", "init_check", "compression")
-STAGE_CORPUS = {"target": "main", "second_corpus": "second"}
+CORPUS_STAGE = {"main": "target", "second": "second_corpus"}  # the from-scratch seeds' stage on each corpus
 
 
 @dataclass
@@ -158,27 +158,31 @@ def load_protocol(path: Path) -> Protocol:
         raw = OmegaConf.load(path)
         raw.sweep.name = raw.get("name")
         raw.sweep.out = f"{raw.get('out', f'runs/experiments/{raw.name}')}/sweep"
+        raw.sweep.tags = ["stage:sweep"]
         raw.spec = str(path)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Protocol), raw))
     except OmegaConfBaseException as e:
         raise SweepError(f"{path}: {str(e).splitlines()[0]}; sweeps/paper_small.yaml shows every setting a spec takes") from None
 
 
-def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int, group: str = "") -> list[str]:
+def target_overrides(p: Protocol, arm: str, lr: float, seed: int, data: list[str], tokens: int, stage: str = "target") -> list[str]:
+    """One run at the target: W&B groups every run of the sitting under the experiment's name, tagged with its stage
+    (and by the trainer with its arm, `variant:<arm>`), so the protocol can be followed there while it runs."""
     base = [f"model={p.target.model}", *p.sweep.overrides, *p.target.overrides, f"model.name={p.target.name}", *p.sweep.arm_overrides()[arm], f"arm={arm}", *data]
     cfg = compose_run(base)
     steps = max(1, math.ceil(tokens / batch_plan(cfg).tokens_per_step))
-    return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}", f"logger.group={group or p.name}"]
+    return [*base, f"optim.lr={lr:.6g}", f"trainer.seed={seed}", f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 10)}",
+            f"logger.group={p.name}", f"logger.tags=[stage:{stage}]"]
 
 
-def seed_runs(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> dict[Path, list[str]]:
+def seed_runs(p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, stage: str) -> dict[Path, list[str]]:
     """One from-scratch run of the arm per seed, in root/s<seed>: each one's directory and overrides."""
-    return {root / f"s{seed}": target_overrides(p, arm, lr, seed, data, tokens, group) for seed in seeds}
+    return {root / f"s{seed}": target_overrides(p, arm, lr, seed, data, tokens, stage) for seed in seeds}
 
 
-def train_seeds(runs: LocalRuns, p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, group: str = "") -> list[Path]:
+def train_seeds(runs: LocalRuns, p: Protocol, root: Path, arm: str, lr: float, seeds: list[int], data: list[str], tokens: int, stage: str) -> list[Path]:
     """One from-scratch run of the arm per seed, in root/s<seed>; their directories."""
-    seeds_of_arm = seed_runs(p, root, arm, lr, seeds, data, tokens, group)
+    seeds_of_arm = seed_runs(p, root, arm, lr, seeds, data, tokens, stage)
     for run_dir, overrides in seeds_of_arm.items():
         runs.train(run_dir, overrides)
     return list(seeds_of_arm)
@@ -195,7 +199,7 @@ def target_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[Path, list
     runs = {}
     for arm, chosen in lrs.items():
         for corpus, (data, seeds, tokens) in corpora(p).items():
-            runs |= seed_runs(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)
+            runs |= seed_runs(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens, CORPUS_STAGE[corpus])
     return runs | dict(init_check_runs(p, out, lrs).values())
 
 
@@ -253,7 +257,7 @@ def bracket_run(p: Protocol, out: Path, arm: str, law_lr: float, factor: float, 
     trains at the law's LR."""
     at_law = factor == 1 and p.lr_bracket.train_at == "law"
     run_dir = out / "compare-main" / arm / f"s{seed}" if at_law else out / "lr-bracket" / arm / f"x{factor:g}"
-    return run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, group=p.name if at_law else f"{p.name}-lr-bracket")
+    return run_dir, target_overrides(p, arm, law_lr * factor, seed, [], p.target.tokens, stage="target" if at_law else "lr_bracket")
 
 
 def checked_arms(listed: list[str], lrs: dict[str, dict], on: bool) -> list[str]:
@@ -279,7 +283,7 @@ def bracket_loss(runs: LocalRuns, p: Protocol, out: Path, arm: str, law_lr: floa
 def init_check_runs(p: Protocol, out: Path, lrs: dict[str, dict]) -> dict[tuple[str, str], tuple[Path, list[str]]]:
     """(arm, init setting) -> the directory and overrides of its one run at the target, at the arm's chosen LR."""
     seed = p.target.seeds[0]
-    return {(arm, name): (out / "init-check" / name / arm, [*target_overrides(p, arm, lrs[arm]["lr"], seed, [], p.target.tokens, group=f"{p.name}-init-check"), *overrides])
+    return {(arm, name): (out / "init-check" / name / arm, [*target_overrides(p, arm, lrs[arm]["lr"], seed, [], p.target.tokens, stage="init_check"), *overrides])
             for arm in checked_arms(p.init_checks.arms, lrs, bool(p.init_checks.settings)) for name, overrides in p.init_checks.settings.items()}
 
 
@@ -329,7 +333,8 @@ def run_compression(runs: LocalRuns, p: Protocol, out: Path, source_run: Path, c
     def recover(name: str, folder: Path) -> float:
         runs.train(out / f"{name}-recover", [*common, "+experiment=recover", f"trainer.init_from={folder}", f"trainer.max_steps={recover_steps}",
                                         f"trainer.eval_every={max(1, recover_steps // 5)}", same_windows, f"optim.lr={lr * p.compression.lr_scale:.6g}", "trainer.checkpoint_every=0",
-                                        f"arm={p.compression.arm}-{name}", f"scheduler.warmup_steps={max(1, round(p.compression.warmup_share * recover_steps))}"])
+                                        f"arm={p.compression.arm}-{name}", f"scheduler.warmup_steps={max(1, round(p.compression.warmup_share * recover_steps))}",
+                                             f"logger.group={p.name}", "logger.tags=[stage:compression]"])
         recovered = out / f"{name}-recovered"
         if not (recovered / "config.json").is_file():
             export(out / f"{name}-recover", recovered)
@@ -359,7 +364,8 @@ def stability_spec(p: Protocol, out: Path) -> SweepSpec | None:
     n = round((math.log10(p.stability_lr_max) - math.log10(s.lr_max)) / step) if p.stability_lr_max > s.lr_max else 0
     if n < 1:
         return None
-    return replace(s, sizes=[s.sizes[-1]], lr_min=s.lr_max * 10**step, lr_max=s.lr_max * 10 ** (n * step), lr_points=n, out=str(out / "stability"))
+    return replace(s, sizes=[s.sizes[-1]], lr_min=s.lr_max * 10**step, lr_max=s.lr_max * 10 ** (n * step), lr_points=n, out=str(out / "stability"),
+                   tags=["stage:stability"])
 
 
 def stage_runs(p: Protocol, out: Path, lrs: dict[str, dict] | None = None) -> dict[str, dict[Path, list[str]]]:
@@ -367,15 +373,16 @@ def stage_runs(p: Protocol, out: Path, lrs: dict[str, dict] | None = None) -> di
     arm stands at the grid's top LR: an LR changes a run's identity, not its folder or its cost."""
     lrs = lrs or {arm: {"lr": p.sweep.lr_max} for arm in p.sweep.arm_overrides()}
     stages = {"sweep": sweep_runs(p.sweep), "stability": sweep_runs(probe) if (probe := stability_spec(p, out)) else {}}
-    for stage, (data, seeds, tokens) in (("target", corpora(p)["main"]), ("second_corpus", corpora(p).get("second", ([], [], 0)))):
-        stages[stage] = {run: o for arm, chosen in lrs.items() for run, o in seed_runs(p, out / f"compare-{STAGE_CORPUS[stage]}" / arm, arm, chosen["lr"], seeds, data, tokens).items()}
+    for corpus, (data, seeds, tokens) in corpora(p).items():
+        stage = CORPUS_STAGE[corpus]
+        stages[stage] = {run: o for arm, chosen in lrs.items() for run, o in seed_runs(p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens, stage).items()}
     stages["lr_bracket"] = {run: o for run, o in first_bracket_runs(p, out, lrs).items() if run not in stages["target"]}
     stages["init_check"] = dict(init_check_runs(p, out, lrs).values())
     # the recovery runs as they cost: the target's model at the recovery's share of its tokens (their weights come from the conversion)
     arm, recover = p.compression.arm, round(p.compression.recover_share * p.target.tokens)
     settings = ["uncompressed", *(f"kv{g}-{name}" for g in p.compression.kv_heads for name in p.compression.layer_sets)]
-    stages["compression"] = {out / "compression" / f"{name}-recover": target_overrides(p, arm, lrs[arm]["lr"] * p.compression.lr_scale, p.target.seeds[0], [], recover)
-                             for name in settings}
+    stages["compression"] = {out / "compression" / f"{name}-recover": target_overrides(p, arm, lrs[arm]["lr"] * p.compression.lr_scale, p.target.seeds[0], [], recover,
+                                                                                             "compression") for name in settings}
     return stages
 
 
@@ -456,7 +463,8 @@ def run(p: Protocol, archive: Path | None = None, resume_from: Path | None = Non
     runs.side_by_side(target_runs(p, out, lrs))
     comparisons = {}
     for corpus, (data, seeds, tokens) in corpora(p).items():
-        dirs = [d for arm, chosen in lrs.items() for d in train_seeds(runs, p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens)]
+        dirs = [d for arm, chosen in lrs.items() for d in train_seeds(runs, p, out / f"compare-{corpus}" / arm, arm, chosen["lr"], seeds, data, tokens,
+                                                                          CORPUS_STAGE[corpus])]
         comparisons[corpus] = compare(dirs, out / f"report-{corpus}", p.baseline if p.baseline in lrs else None, results if corpus == "main" else None)
     inits = init_checks(runs, p, out, lrs)
     source = out / "compare-main" / p.compression.arm / f"s{p.target.seeds[0]}"
@@ -483,7 +491,8 @@ def pack_sitting(p: Protocol, archive: Path) -> Path:
 
 def made_now(p: Protocol, wall_s: float) -> dict:
     """Where and when this sitting made the report, and what it read from outside its runs."""
-    return {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"date": time.strftime("%Y-%m-%d"), "device": f"{platform.machine()}, {os.cpu_count()} cores", "machine": platform.machine(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "wall_s": wall_s, "init_audit": finding(load_spec(Path(p.init_audit)), REFERENCE) if p.init_audit else None}
 
 

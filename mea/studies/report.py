@@ -189,6 +189,21 @@ def budget(runs: Path) -> str:
     return f"Each run: {s['steps']:,} steps, {s['tokens']:,} tokens{passes}."
 
 
+def title_and_where(p, made: dict, out: Path, target_n: float) -> list[str]:
+    """The title, and where and how the sitting was made: the driver's machine, and the machines its runs trained on
+    (their summaries' `device`), with GPU-hours. A sitting made before runs recorded their device says so as it did."""
+    if "device" not in made:
+        return [f"# {p.name}: the paper's claims at small scale", "",
+                f"Made by `mea-experiment` on {made['date']} · {made['machine']} CPU, {made['cores']} cores, torch {made['torch']}, {made['threads']} threads · "
+                f"{training_time(out)} · "]
+    summaries = [json.loads(f.read_text()) for f in out.rglob("summary.json")]
+    kinds = Counter(s.get("device", "a machine not recorded") for s in summaries)
+    gpu_hours = {kind: sum(s["wall_time_s"] * s["world_size"] for s in summaries if s.get("device") == kind) / 3600 for kind in kinds}
+    where = "; ".join(f"{n} on {kind}" + ("" if "CPU" in kind else f" ({gpu_hours[kind]:,.1f} GPU-hours)") for kind, n in kinds.most_common())
+    return [f"# {p.name}: the paper's claims at {target_n:.3g} non-embedding parameters", "",
+            f"Made by `mea-experiment` on {made['date']}, driven from {made['device']} (torch {made['torch']}) · runs: {where} · {training_time(out)} · "]
+
+
 def training_time(out: Path) -> str:
     """How many runs, their training time, and the code they ran (git commits, with how many runs each)."""
     summaries = [json.loads(f.read_text()) for f in out.rglob("summary.json")]
@@ -340,9 +355,8 @@ def write_report(p, f: Findings, made: dict, path: Path) -> Path:
             shutil.copy(plot, assets / plot.name)
     rel = lambda name: f"{assets.name}/{name}"  # noqa: E731
     trust, trust_claims = trust_sections(p, f, rows, brackets, assets, rel)
-    lines = [f"# {p.name}: the paper's claims at small scale", "",
-             f"Made by `mea-experiment` on {made['date']} · {made['machine']} CPU, {made['cores']} cores, torch {made['torch']}, "
-             f"{made['threads']} threads · {training_time(out)} · wall time of this sitting {made['wall_s'] / 60:.1f} min (a re-run skips finished steps). "
+    lines = [*title_and_where(p, made, out, f.target_n),
+             f"wall time of this sitting {made['wall_s'] / 60:.1f} min (a re-run skips finished steps). "
              f"Its runs' configs, summaries and metrics are in [{assets.name}/runs.tar.xz]({assets.name}/runs.tar.xz): `mea-experiment {p.spec} --from-archive "
              f"{path.with_suffix('')}/runs.tar.xz` makes this report again from them alone.", "",
              *commands(p, out), "",

@@ -2,7 +2,7 @@
 
     mea-compare runs/a runs/b runs/c --baseline mha --out report/
     mea-compare --results runs/sweeps/example/results.csv --out report/     # every run of a sweep, plus LR curves
-    mea-compare --wandb my-entity/mea --group exp1 --out report/            # through W&B's public API (online), and
+    mea-compare --wandb my-entity/mea --group exp1 --stage target --out report/   # through W&B's public API (online), and
                                                                             # saves a W&B workspace of the group's curves
 """
 from __future__ import annotations
@@ -237,8 +237,14 @@ def to_html(rows: list[dict], baseline: str, plots: list[Path], notes: list[str]
             f"<table border='1'><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{body}</table>{imgs}</body></html>\n")
 
 
-def wandb_runs(path: str, group: str | None, cache: Path) -> list[Path]:
-    """Fetch a W&B project's runs (one group) into local run directories, through W&B's public API."""
+def wandb_filters(group: str | None, stage: str | None) -> dict | None:
+    """W&B's run filter (MongoDB's syntax) for one group and, within an experiment's group, one stage's runs."""
+    filters = ({"group": group} if group else {}) | ({"tags": {"$in": [f"stage:{stage}"]}} if stage else {})
+    return filters or None
+
+
+def wandb_runs(path: str, group: str | None, stage: str | None, cache: Path) -> list[Path]:
+    """Fetch a W&B project's runs (one group, one stage of it) into local run directories, through W&B's public API."""
     import json
 
     import wandb
@@ -250,7 +256,7 @@ def wandb_runs(path: str, group: str | None, cache: Path) -> list[Path]:
         raise RunError(f"cannot reach W&B at {base.geturl()} ({e.strerror or e}); this machine is offline — compare the local run directories instead: mea-compare RUN_DIR ...") from None
     api = wandb.Api(timeout=30)
     paths = []
-    for remote in api.runs(path, filters={"group": group} if group else None):
+    for remote in api.runs(path, filters=wandb_filters(group, stage)):
         local = cache / remote.id
         local.mkdir(parents=True, exist_ok=True)
         rows = [{k: v for k, v in row.items() if not k.startswith("_")} | {"step": row["_step"]} for row in remote.scan_history()]
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, help="a sweep's results.csv: compare its runs and plot LR sensitivity")
     parser.add_argument("--wandb", help="ENTITY/PROJECT to read through W&B's public API (online)")
     parser.add_argument("--group", help="with --wandb: the experiment's group")
+    parser.add_argument("--stage", help="with --wandb: one stage of an experiment's group (its runs' tag stage:<stage>), e.g. target: the from-scratch seeds")
     parser.add_argument("--baseline", help="the variant others are measured against (default: mha)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the training-loss curves")
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.wandb:
             if args.wandb.count("/") != 1:
                 raise RunError(f"--wandb {args.wandb}: give ENTITY/PROJECT, for example --wandb my-team/mea")
-            run_dirs += wandb_runs(args.wandb, args.group, args.out / "wandb_runs")
+            run_dirs += wandb_runs(args.wandb, args.group, args.stage, args.out / "wandb_runs")
         report = compare(run_dirs, args.out, args.baseline, args.results, args.smoothing, args.log_x)
         if args.wandb:
             from mea.tools.workspace import save_workspace

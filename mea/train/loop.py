@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, micro: 
     train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), trainer.global_batch, seed=trainer.seed, rank=rank, world_size=world_size)
     val_windows = TokenWindows(corpus.shards("val"), cfg.data.seq_len)
     counts, flops_per_token = engine.model.parameter_counts(), engine.model.flops_per_token(cfg.data.seq_len)  # from the config: ZeRO-3's partitions hold nothing to count
-    summaries = RunSummary(cfg, run_dir, corpus, counts, flops_per_token, world_size, len(train_batches.windows))
+    summaries = RunSummary(cfg, run_dir, corpus, counts, flops_per_token, world_size, len(train_batches.windows), device)
     metrics = start_record(cfg, run_dir, corpus, state, rank, resume_point, f"{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding), "
                            f"{flops_per_token:,.0f} FLOPs a token · {describe(engine)} · {world_size} process(es) on {device}")
     step_metrics = StepMetrics(trainer.global_batch * cfg.data.seq_len, flops_per_token, world_size, device, trainer.peak_tflops, state.step)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from pathlib import Path
 
 import torch
@@ -27,9 +28,10 @@ class RunSummary:
     """What the summary says of the run besides its state: counts, the corpus, the place, the world."""
 
     def __init__(self, cfg: TrainConfig, run_dir: RunDirectory, corpus: PreparedCorpus, counts: dict[str, int], flops_per_token: float, world_size: int,
-                 training_windows: int):
+                 training_windows: int, device: torch.device):
         self.cfg, self.run_dir, self.corpus, self.counts, self.flops_per_token = cfg, run_dir, corpus, counts, flops_per_token
         self.world_size, self.training_windows = world_size, training_windows
+        self.device = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} {device.type.upper()}"  # where it trained, for a report
 
     def of(self, status: str, state: TrainState, final_train_loss: float, checkpoint: Path | None, sample: str = "") -> dict:
         assert status in STATUSES, status
@@ -52,6 +54,7 @@ class RunSummary:
             "wall_time_s": state.saved()["wall_time_s"],
             "tokens_per_s": (state.step - state.start_step) * tokens_per_step / state.elapsed(),
             "world_size": self.world_size,
+            "device": self.device,
             "run_dir": str(self.run_dir.path),
             "checkpoint": str(checkpoint) if checkpoint else None,
             "data": self.corpus.path.name,
