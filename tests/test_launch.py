@@ -31,7 +31,7 @@ def test_cpu_processes_ask_slurm_for_no_gpus(tmp_path):
 
 def test_slurm_script_for_eight_nodes(tmp_path):
     proc = run_cli(LAUNCH, "slurm", "--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--time", "12:00:00",
-                   "--job-name", "exp1", "--env", "NCCL_IB_DISABLE=0", "--run-dir", str(tmp_path), "--dry-run", "--",
+                   "--qos", "high", "--constraint", "h100", "--job-name", "exp1", "--env", "NCCL_IB_DISABLE=0", "--run-dir", str(tmp_path), "--dry-run", "--",
                    "model=350m", "deepspeed=zero2", "trainer.global_batch=512", "trainer.micro_batch=8")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -50,6 +50,8 @@ def test_slurm_script_for_eight_nodes(tmp_path):
         "#SBATCH --signal=B:USR1@120",
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=h100",
     ]
     assert 'export MASTER_ADDR=$(scontrol show node "$first_node" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")' in lines
     assert "export MASTER_PORT=${MASTER_PORT:-29500}" in lines and "export NCCL_IB_DISABLE=0" in lines

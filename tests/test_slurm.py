@@ -129,6 +129,7 @@ def test_time_limit_preemption_and_scancel_each_checkpoint_and_the_run_goes_on_a
     command then finishes it. The losses equal the uninterrupted run's at every step, bitwise."""
     run = tmp_path / "run"
     j = job_id(launch(cluster, run))
+    assert json.loads((run / "launch" / "job.json").read_text())["job"] == j  # where a driver finds the run's job again
     stops = [("time limit", ["scancel", "--signal=USR1", "--batch", j]), ("preemption", ["scontrol", "requeue", j]), ("scancel", ["scancel", j])]
     for restarts, (name, command) in enumerate(stops):
         resumed_at = saved_step(run)

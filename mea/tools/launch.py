@@ -24,18 +24,21 @@ A requeued allocation waits for the run directory's lease (mea.run_directory) wh
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mea.config import ConfigError, batch_plan, compose_config
+from mea.run_directory import write_synced
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "train.py"
@@ -118,6 +121,10 @@ def render_sbatch(args: argparse.Namespace, shape: Shape, torchrun: str, program
         directives.append(f"--partition={args.partition}")
     if args.account:
         directives.append(f"--account={args.account}")
+    if args.qos:
+        directives.append(f"--qos={args.qos}")
+    if args.constraint:
+        directives.append(f"--constraint={args.constraint}")
     node = torchrun_command(torchrun, shape, None, "$MASTER_ADDR:$MASTER_PORT", "$SLURM_JOB_ID", program)
     body = [
         "set -euo pipefail",
@@ -197,6 +204,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--job-name", default="mea")
     parser.add_argument("--partition")
     parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--constraint", help="slurm: node features the job needs (e.g. h100)")
     parser.add_argument("--time", default="24:00:00")
     parser.add_argument("--cpus-per-task", type=int, default=16)
     parser.add_argument("--signal-seconds", type=int, default=120, help="slurm: USR1 this long before the time limit")
@@ -207,6 +216,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         split = argv.index("--")
         return parser.parse_args(argv[:split]), argv[split + 1 :]
     return parser.parse_args(argv), []
+
+
+JOB_RECORD = "job.json"  # <run-dir>/launch/job.json: the SLURM job that trains the run
 
 
 def submit(sbatch: str, script: str, out: Path, wait: bool) -> int:
@@ -223,6 +235,7 @@ def submit(sbatch: str, script: str, out: Path, wait: bool) -> int:
     finally:
         pending.unlink(missing_ok=True)
     job = proc.stdout.strip().split(";")[0]
+    write_synced(out / JOB_RECORD, json.dumps({"job": job, "submitted": time.time()}))  # how a driver finds the run's job again (mea.studies.cluster)
     if not wait:
         print(f"submitted job {job}; follow it with `squeue -j {job}` and {out.parent / 'logs'}/")
     return proc.returncode
