@@ -1,6 +1,7 @@
 """The data path on real text: stdlib and Tiny Shakespeare through datasets and tokenizers."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,41 @@ def test_hub_dataset_without_network_says_so(config):
     proc = run_cli("data/prepare.py", f"data={config}", env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "offline" in proc.stderr and "data.source=PATH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_hub_dataset_runs_offline_from_a_local_folder_with_the_hubs_layout(shakespeare, tmp_path):
+    """FineWeb-Edu's layout (a README whose YAML names the config sample-10BT and its parquet files), its rows
+    Tiny Shakespeare's speeches: `data=fineweb_edu` reads it through the Hub's loader, offline, and prepares it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    speeches = [s for s in shakespeare.read_text().split("\n\n") if s.strip()][:400]
+    repo = tmp_path / "fineweb-edu"
+    (repo / "sample" / "10BT").mkdir(parents=True)
+    for i, part in enumerate((speeches[:200], speeches[200:])):
+        pq.write_table(pa.table({"text": part, "id": [f"doc{i}-{j}" for j in range(len(part))], "score": [3.0] * len(part)}),
+                       repo / "sample" / "10BT" / f"00{i}_00000.parquet")
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: sample-10BT\n  data_files:\n  - split: train\n    path: sample/10BT/*.parquet\n---\n")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MEA_CACHE": str(tmp_path / "cache")}
+    proc = run_cli("data/prepare.py", "data=fineweb_edu", f"data.source={repo}", "data.vocab_size=512", "data.seq_len=64", "data.val_share=0.1", env=offline)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (manifest,) = {m.resolve() for m in (tmp_path / "cache" / "data").glob("fineweb_edu-*/manifest.json")}  # the corpus and its tokenizer's link
+    made = json.loads(manifest.read_text())
+    assert made["source"] == {"kind": "hub", "source": str(repo), "hub_config": "sample-10BT", "split": "train"}
+    assert made["documents"]["train"] + made["documents"]["val"] == 400 and made["tokens"]["train"] > 10_000
+
+
+def test_a_corpus_read_with_the_file_of_the_tokenizer_trained_on_it_is_the_same_corpus_not_made_again(shakespeare, tmp_path):
+    """An exported model's tokenizer (a copy of the trained one) reads the shards prepared when it was trained."""
+    trained = prepare(shakespeare_cfg(shakespeare, tmp_path))
+    exported = tmp_path / "exported-tokenizer.json"
+    shutil.copy(trained.path / "tokenizer.json", exported)
+    read = prepare(shakespeare_cfg(shakespeare, tmp_path, tokenizer=str(exported)), log=lambda line: pytest.fail(f"tokenised again: {line}"))
+    assert read.path != trained.path and read.path.resolve() == trained.path
+    fresh = prepare(shakespeare_cfg(shakespeare, tmp_path / "elsewhere", tokenizer=str(exported)))  # made from scratch: the same tokens
+    assert fresh.path.name == read.path.name and not fresh.path.is_symlink()
+    for shard in trained.manifest["shards"]:
+        assert (fresh.path / shard["file"]).read_bytes() == (trained.path / shard["file"]).read_bytes()
 
 
 def test_altered_or_truncated_shard_is_refused(shakespeare, tmp_path):

@@ -54,7 +54,7 @@ def test_slurm_script_for_eight_nodes(tmp_path):
         "#SBATCH --constraint=h100",
     ]
     assert 'export MASTER_ADDR=$(scontrol show node "$first_node" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")' in lines
-    assert "export MASTER_PORT=${MASTER_PORT:-29500}" in lines and "export NCCL_IB_DISABLE=0" in lines
+    assert "export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}" in lines and "export NCCL_IB_DISABLE=0" in lines  # jobs sharing a node: a port each
     (srun,) = [line for line in lines if line.startswith("srun ")]
     assert srun == (  # the c10d rendezvous numbers the nodes; torchrun by its path, as a job's shell has no activated environment
         f"srun --kill-on-bad-exit=1 {TORCHRUN} --nnodes=8 --nproc_per_node=8 --rdzv_id=$SLURM_JOB_ID "

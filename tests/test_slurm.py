@@ -17,7 +17,7 @@ from mea.run_directory import RunDirectory
 from mea.train import checkpoint
 from mea.distributed import free_port
 
-from .conftest import QUICK, ROOT, run_cli, started
+from .conftest import QUICK, ROOT, kill_tree, run_cli, started
 from .test_scaling import MINI
 from .test_trainer import RUN, assert_curves_close, curve, rows
 
@@ -204,3 +204,134 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
     assert len(results) == 7
     fit = run_cli("sweeps/fit.py", "lr-law", str(out / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
     assert fit.returncode == 0 and (tmp_path / "fit" / "fit.json").is_file(), fit.stderr[-2000:]
+
+
+# The protocol at its smallest with every stage that submits jobs: arrays for the sweep; jobs for the target, a bracket,
+# an init check, a second corpus (a corpus of its own, so a second prepare job) and compression's recoveries
+NANO = """
+name: nano
+out: {out}/runs
+report: {out}/results/nano.md
+baseline: mha
+sweep:
+  arms: {{mha: [attention=mha], mea: [attention=mea]}}
+  sizes:
+    - {{model: tiny, name: w32, tokens: 4096, overrides: [model.dim=32, model.n_heads=4]}}
+    - {{model: tiny, name: w64, tokens: 4096, overrides: [model.dim=64, model.n_heads=4]}}
+  lr_min: 1.0e-3
+  lr_max: 1.0e-1
+  lr_points: 3
+  overrides: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=512, data.seq_len=32, trainer.global_batch=8, logger.mode=disabled,
+              trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
+target: {{model: tiny, name: w96, tokens: 2048, overrides: [model.dim=96, model.n_heads=4], seeds: [0]}}
+lr_bracket: {{factors: [0.5, 1, 2], arms: [mea]}}
+init_checks: {{settings: {{llama: [model.init.scheme=llama, model.init.head_norm_scale=1.0]}}, arms: [mea]}}
+second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=384], seeds: [0], tokens: 1024}}
+compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all}}, recover_share: 0.25}}
+"""
+
+
+def our_jobs(env: dict, *states: str) -> dict[str, str]:
+    """Name → job id (an array's own id) of every job in the queue, or of those in these states."""
+    listed = subprocess.run(["squeue", "-h", "-o", "%j %F", *(["-t", ",".join(states)] if states else [])], env=env, capture_output=True, text=True, check=True).stdout
+    return dict(line.split() for line in listed.splitlines())
+
+
+def held_then_driver_killed(env: dict, driver: subprocess.Popen, prefix: str) -> list[str]:
+    """Once a job named prefix* waits in the queue: every waiting job held (so that it is still there when the
+    driver starts again, however fast the cluster), then the driver killed with all it started, as a lost login
+    session is."""
+    wait_for(lambda: driver.poll() is None and any(name.startswith(prefix) for name in our_jobs(env, "PENDING")), f"a job {prefix}* waiting", env, [])
+    held = sorted(set(our_jobs(env, "PENDING").values()))
+    slurm(env, "scontrol", "hold", *held)
+    kill_tree(driver)
+    return held
+
+
+def release(env: dict, held: list[str]) -> None:
+    """Let the held jobs go (scontrol says "already finished" for an array's tasks that ran, and exits 1: read
+    the queue instead)."""
+    subprocess.run(["scontrol", "release", *held], env=env, capture_output=True, timeout=60)
+    reasons = subprocess.run(["squeue", "-h", "-t", "PENDING", "-o", "%r"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "JobHeld" not in reasons, reasons
+
+
+def without_where_and_how_long(report: str, out: Path) -> str:
+    """The report with its sitting's folder named OUT, less what says where it ran and how long or fast: the
+    header's machine and times, and the columns of tokens/s and decode ms/token."""
+    kept, timed, in_table = [], set(), False
+    for line in report.replace(str(out), "OUT").splitlines():
+        if line.startswith(("Made by `mea-experiment`", "wall time of this sitting")):
+            continue
+        if line.startswith("|"):
+            cells = line.split("|")
+            if not in_table:
+                timed = {i for i, cell in enumerate(cells) if "tokens/s" in cell or "ms/token" in cell}
+            line = "|".join("…" if i in timed and in_table else cell for i, cell in enumerate(cells))
+        in_table = line.startswith("|")
+        kept.append(line)
+    return "\n".join(kept)
+
+
+@pytest.mark.timeout(900)
+def test_the_protocol_on_slurm_killed_twice_and_started_again_reports_what_a_local_sitting_reports(cluster, tmp_path, shakespeare):
+    """Every stage as jobs, each corpus prepared once by a prepare job; the driver killed while the sweep's arrays
+    are queued and again while the target's jobs are, each time started again with the same command: it follows
+    the jobs in the queue, submits none twice, trains no run twice, and its report is the local sitting's but for
+    where and how long it ran."""
+    for where in ("local", "slurm"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "nano.yaml").write_text(NANO.format(out=tmp_path / where, shakespeare=shakespeare))
+    local = run_cli("-m", "mea.studies.experiment", str(tmp_path / "local" / "nano.yaml"), timeout=600)
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    out = tmp_path / "slurm" / "runs"
+    env = {**cluster, "MEA_CACHE": str(tmp_path / "cache")}  # a cache of its own: every corpus is prepared by a job here
+    printed = tmp_path / "driver.log"  # a file, not a pipe: nothing blocks on a driver's output once it is killed
+    with open(printed, "a") as log_file:
+        def driver():
+            return started([str(BIN / "mea-experiment"), str(tmp_path / "slurm" / "nano.yaml"), "--slurm", "--poll-seconds", "1", "--", *ARRAY],
+                           env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+        def follows(first_driver, said: str) -> None:
+            wait_for(lambda: said in printed.read_text() or first_driver.poll() is not None, f"the driver to say {said!r}", env, [])
+            assert said in printed.read_text(), printed.read_text()[-3000:]
+
+        with driver() as first:
+            held = held_then_driver_killed(env, first, "nano.sweep.")
+        with driver() as second:
+            follows(second, "its array nano.sweep.")
+            release(env, held)
+            held = held_then_driver_killed(env, second, "nano.compare-main.")
+        with driver() as third:
+            follows(third, "its job nano.")
+            release(env, held)
+            assert third.wait(timeout=600) == 0, printed.read_text()[-3000:]
+
+    sweep_runs = sorted(out.glob("sweep/*/*/lr*"))
+    assert len(sweep_runs) == 12 and all((run / "summary.json").is_file() for run in sweep_runs)
+    for size in ("w32", "w64"):  # one array task a run: submitit's folder per task, <array>_<task>
+        assert len([task for task in (out / "sweep" / size / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", task.name)]) == 6
+    jobs = [run for run in out.rglob("launch/job.json") if "prepare" not in run.parts]
+    assert sorted(str(j.parent.parent.relative_to(out)) for j in jobs) == [
+        "compare-main/mea/s0", "compare-main/mha/s0", "compare-second/mea/s0", "compare-second/mha/s0", "compression/kv2-all-recover",
+        "compression/kv2-middle-recover", "compression/uncompressed-recover", "init-check/llama/mea", "lr-bracket/mea/x0.5", "lr-bracket/mea/x2"]
+    for job_file in jobs:  # one job a run, its log appended to by no second one
+        logs = {p.stem.rsplit("-", 1)[1] for p in (job_file.parent.parent / "logs").glob("*.out")}
+        assert logs == {str(json.loads(job_file.read_text())["job"])}, (job_file, logs)
+    prepared = sorted(p.name for p in (out / "prepare").iterdir())
+    assert len(prepared) == 2 and all(len(list((out / "prepare" / corpus / "logs").glob("*.out"))) == 1 for corpus in prepared)
+    read = {(tmp_path / "cache" / "data" / json.loads(s.read_text())["data"]).resolve().name for s in out.rglob("summary.json")}  # a recovery: the link
+    assert read == set(prepared) and all((tmp_path / "cache" / "data" / corpus / "manifest.json").is_file() for corpus in prepared)  # of its tokenizer's file
+    reports = {where: without_where_and_how_long((tmp_path / where / "results" / "nano.md").read_text(), tmp_path / where) for where in ("local", "slurm")}
+    assert reports["slurm"] == reports["local"]
+
+
+def test_a_stage_shape_the_cluster_refuses_stops_the_sitting_with_slurms_reason_before_any_job(cluster, tmp_path, shakespeare):
+    spec = tmp_path / "nano.yaml"
+    spec.write_text(NANO.format(out=tmp_path, shakespeare=shakespeare).replace("name: nano", "name: refused") + "resources: {target: {nodes: 4, gpus_per_node: 1, deepspeed: zero1}}\n")
+    proc = subprocess.run([str(BIN / "mea-experiment"), str(spec), "--slurm", "--", *ARRAY], cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: resources.target: SLURM refuses 4 node(s) × 1 GPU(s) a run: ") and "more processors requested than permitted" in line.lower(), line
+    assert not (tmp_path / "runs").exists() and not [name for name in our_jobs(cluster) if name.startswith("refused.")]  # not even its prepare job

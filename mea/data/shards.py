@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -189,13 +189,21 @@ def prepared_path(cfg: DataConfig, key: str) -> Path:
     return Path(os.path.expanduser(cfg.cache_dir)) / key
 
 
+def corpus_path(cfg: DataConfig, docs: Documents | None = None) -> Path:
+    """Where the corpus of this data config lies in the cache, prepared or not yet (its key fingerprints the inputs
+    without reading them): how a cluster driver knows a corpus is prepared before it submits any run."""
+    docs = docs or load_documents(cfg, str(Path(os.path.expanduser(cfg.cache_dir)) / "hf"))
+    return prepared_path(cfg, f"{cfg.name}-{cache_key(cfg, docs)}")
+
+
 def prepare(cfg: DataConfig, log=print) -> PreparedCorpus:
     """The prepared corpus for this data config: from the cache if it is there, else built now."""
     cache = Path(os.path.expanduser(cfg.cache_dir))
     docs = load_documents(cfg, str(cache / "hf"))
-    final = prepared_path(cfg, f"{cfg.name}-{cache_key(cfg, docs)}")
+    final = corpus_path(cfg, docs)
     manifest_file = final / "manifest.json"
     if manifest_file.is_file():
+        link_as_its_tokenizers(cfg, docs, final)
         return PreparedCorpus(final, json.loads(manifest_file.read_text()))
     tmp = cache / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -212,4 +220,19 @@ def prepare(cfg: DataConfig, log=print) -> PreparedCorpus:
         shutil.rmtree(tmp, ignore_errors=True)
     if docs.skipped_bad_utf8:
         log(f"skipped {len(docs.skipped_bad_utf8)} files that are not UTF-8 (listed in {manifest_file})")
+    link_as_its_tokenizers(cfg, docs, final)
     return PreparedCorpus(final, json.loads(manifest_file.read_text()))
+
+
+def link_as_its_tokenizers(cfg: DataConfig, docs: Documents, corpus: Path) -> None:
+    """A corpus whose tokenizer was trained here is also the corpus of the same settings read with that tokenizer's
+    file (the same tokens, byte for byte): a link under that name, so that a model exported from a run on it (an
+    evaluation, a recovery run) reads these shards instead of tokenising the corpus a second time."""
+    if cfg.tokenizer != "bpe":
+        return
+    alias = corpus_path(replace(cfg, tokenizer=str(corpus / "tokenizer.json")), docs)
+    if not alias.exists():
+        try:
+            alias.symlink_to(corpus.name)
+        except FileExistsError:  # another process linked it first
+            pass

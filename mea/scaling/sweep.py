@@ -13,11 +13,15 @@ naming it, and is never collected. SIGTERM or Ctrl-C stops the sweep once the ru
 
 Under SLURM each run is an array task; submitit's warning before the time limit (USR2, `signal_delay_s`) makes
 the trainer save, and submitit then requeues the task, which resumes from that checkpoint (mea.train.StopFlag).
+Each array is named `<name>.<out's folder>.<size>.<arm>` and holds only the runs not yet finished: a sweep killed
+and started again follows an array still in the queue (`squeue`: that name, its log under the sweep's folder)
+instead of submitting it twice.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import getpass
 import io
 import json
 import math
@@ -135,6 +139,7 @@ class Launcher:
     jobs: int | None = None
     threads: int = 1
     overrides: list[str] = field(default_factory=list)  # hydra.launcher.* settings: partition, account, mem_gb, ...
+    poll_s: float = 30.0  # under SLURM: how often an array an earlier sweep submitted is looked for in the queue
 
     def local_jobs(self, runs: int) -> int:
         jobs = self.jobs or int(os.environ.get("MEA_SWEEP_JOBS", 0)) or len(os.sched_getaffinity(0)) // self.threads
@@ -157,17 +162,45 @@ class Launcher:
         return {} if self.slurm else {"OMP_NUM_THREADS": str(self.threads)}
 
 
-def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, launcher: Launcher, side_by_side: int = 1) -> list[str]:
-    """One Hydra multirun per size and arm: LRs × seeds (side_by_side of them at once)."""
+def multirun_command(spec: SweepSpec, size: SweepSize, arm: str, shared: list[str], out: Path, launcher: Launcher, side_by_side: int = 1,
+                     lrs: list[float] | None = None) -> list[str]:
+    """One Hydra multirun per size and arm: LRs (every LR of the grid unless given) × seeds, side_by_side of them at
+    once; under SLURM one job array, named array_name."""
     return [
         sys.executable, str(ROOT / "train.py"), "--multirun",
-        f"optim.lr={','.join(map(str, lr_grid(spec)))}",
+        f"optim.lr={','.join(map(str, lrs or lr_grid(spec)))}",
         f"trainer.seed={','.join(map(str, spec.seeds))}",
         *shared,
         f"hydra.sweep.dir={out / size.label}",
         f"hydra.sweep.subdir={RUN_FOLDER.format(arm=arm, lr='${optim.lr}', seed='${trainer.seed}')}",
         *launcher.hydra_overrides(runs_per_multirun(spec), side_by_side),
+        *([f"hydra.launcher.name={array_name(spec, size, arm)}"] if launcher.slurm else []),
     ]
+
+
+def array_name(spec: SweepSpec, size: SweepSize, arm: str) -> str:
+    """The SLURM job name of one multirun's array: how a sweep started again finds it in the queue."""
+    return f"{spec.name}.{Path(spec.out).name}.{size.label}.{arm}"
+
+
+def queued(names: set[str], under: Path) -> set[str]:
+    """Those of `names` that a job of this user in the SLURM queue (pending, running, requeued or completing) bears
+    and that logs under `under`, the sitting's or the sweep's folder: a job of the same name logging elsewhere
+    (another sitting's of the same name) is not one of ours."""
+    if not names:
+        return set()
+    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-O", "Name:512,StdOut:4096"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SweepError(f"squeue failed ({(proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1]}): the driver cannot tell which runs are queued; "
+                         "run it where SLURM's commands answer (a login node)")
+    jobs = [line.strip().split(maxsplit=1) for line in proc.stdout.splitlines() if line.strip()]
+    return {job[0] for job in jobs if job[0] in names and len(job) == 2 and Path(job[1].strip()).is_relative_to(under.resolve())}
+
+
+def wait_until_gone(names: set[str], under: Path, poll_s: float) -> None:
+    """Until no job of ours (queued) bearing one of these names is left in the queue."""
+    while queued(names, under):
+        time.sleep(poll_s)
 
 
 def runs_per_multirun(spec: SweepSpec) -> int:
@@ -363,16 +396,14 @@ def run_sweep(spec: SweepSpec, launcher: Launcher | None = None, collect_only: b
     refuse_foreign_runs(every_run, out)
     failed, stopped = [], None
     if not collect_only:
-        to_run = []
-        for size, arm, shared in jobs:
-            if all(run.holds(identity) for run, identity in plans[size.label, arm].items()):
-                print(f"{size.label}/{arm}: every run is already done")
-            else:
-                to_run.append((size, arm, shared))
+        to_run, followed = unfinished_multiruns(spec, jobs, plans, launcher)
         side_by_side = launcher.side_by_side(len(to_run), runs_per_multirun(spec))
-        commands = [multirun_command(spec, size, arm, shared, out, launcher, side_by_side) for size, arm, shared in to_run]
+        commands = [multirun_command(spec, size, arm, shared, out, launcher, side_by_side, lrs) for size, arm, shared, lrs in to_run]
         codes, stopped = run_side_by_side(commands, launcher.environment(), side_by_side)
-        failed = [f"{size.label}/{arm}" for (size, arm, _), code in zip(to_run, codes) if code not in (0, None)]
+        failed = [f"{size.label}/{arm}" for (size, arm, _, _), code in zip(to_run, codes) if code not in (0, None)]
+        if stopped is None:
+            wait_until_gone(set(followed.values()), out, launcher.poll_s)
+            failed += [f"{label}/{arm}" for label, arm in followed if not all(run.holds(identity) for run, identity in plans[label, arm].items())]
     results = collect(out, every_run)
     print(f"wrote {results} ({sum(1 for _ in open(results)) - 1} runs)")
     if stopped is not None:
@@ -382,9 +413,33 @@ def run_sweep(spec: SweepSpec, launcher: Launcher | None = None, collect_only: b
     return results
 
 
+def unfinished_multiruns(spec: SweepSpec, jobs: list[tuple], plans: dict, launcher: Launcher) -> tuple[list[tuple], dict[tuple, str]]:
+    """The multiruns to start, each with the LRs that still have a run to finish; under SLURM, apart, those whose
+    array is still in the queue (an earlier sweep's, followed rather than submitted twice), by their array's name."""
+    to_run, followed = [], {}
+    in_queue = queued({array_name(spec, size, arm) for size, arm, _ in jobs}, Path(spec.out)) if launcher.slurm else set()
+    for size, arm, shared in jobs:
+        unfinished = {identity["optim.lr"] for run, identity in plans[size.label, arm].items() if not run.holds(identity)}
+        if not unfinished:
+            print(f"{size.label}/{arm}: every run is already done")
+        elif (name := array_name(spec, size, arm)) in in_queue:
+            print(f"{size.label}/{arm}: its array {name} is in the queue; followed, not submitted again", flush=True)
+            followed[size.label, arm] = name
+        else:
+            to_run.append((size, arm, shared, [lr for lr in lr_grid(spec) if lr in unfinished]))
+    return to_run, followed
+
+
+def launcher_settings(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the command's own arguments, the hydra.launcher.* settings after `--`), refusing anything else there."""
+    argv, settings = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    if foreign := [o for o in settings if not o.startswith("hydra.launcher.")]:
+        raise SweepError(f"{foreign[0]}: after -- only hydra.launcher.* settings go; put what the runs train with in the spec's overrides")
+    return argv, settings
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    argv, launcher_overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(prog="mea-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", type=Path)
     parser.add_argument("--slurm", action="store_true", help="fan each size out as SLURM job arrays")
@@ -394,10 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the multirun commands")
     parser.add_argument("--size", action="append", help="run only this size of the spec (repeatable): one process or machine per size")
     parser.epilog = "After --, hydra.launcher.KEY=VALUE settings for the launcher (partition, account, timeout_min, ...)."
-    args = parser.parse_args(argv)
     try:
-        if foreign := [o for o in launcher_overrides if not o.startswith("hydra.launcher.")]:
-            raise SweepError(f"{foreign[0]}: after -- only hydra.launcher.* settings go; put what the runs train with in the spec's overrides")
+        argv, launcher_overrides = launcher_settings(argv)
+        args = parser.parse_args(argv)
         if (args.jobs is not None and args.jobs < 1) or args.threads < 1:
             raise SweepError("--jobs and --threads must be at least 1")
         launcher = Launcher(args.slurm, args.jobs, args.threads, launcher_overrides)

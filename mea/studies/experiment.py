@@ -5,6 +5,8 @@ each arm's predicted LR with several seeds, KV-cache compression with recovery, 
     mea-experiment sweeps/paper_small.yaml --from-archive docs/results/paper_small/runs.tar.xz   # the report again, training nothing
     mea-experiment sweeps/paper_small.yaml --pack sitting.tar.xz          # a sitting stopped part way, its finished runs in one file
     mea-experiment sweeps/paper_small.yaml --resume-from sitting.tar.xz   # ... carried on from them on another machine
+    mea-experiment sweeps/paper_gpu_small.yaml --plan --mfu 0.35 --gpu H100   # what a sitting costs, training nothing
+    mea-experiment sweeps/paper_gpu_small.yaml --slurm -- hydra.launcher.partition=gpu   # every run a SLURM job (mea.studies.cluster)
 
 Every number of the report comes from the runs this command makes; the report is written to `report`, its runs'
 configs, summaries and metrics to `runs.tar.xz` in the folder beside it (mea.studies.archive).
@@ -41,14 +43,15 @@ from mea.scaling.sweep import (
     at_largest_size,
     best_by_arm,
     compose_run,
+    launcher_settings,
     load_spec,
     not_diverged,
     read_results,
-    run_sweep,
     sweep_runs,
 )
 from mea.studies.archive import pack, sitting_of_archive, unpack
 from mea.studies.claims import check_claims
+from mea.studies.cluster import SlurmRuns
 from mea.studies.init_audit import REFERENCE, finding
 from mea.studies.plan import Rates, plan, render
 from mea.studies.protocol import LocalRuns
@@ -436,18 +439,23 @@ def check(p: Protocol) -> None:
         raise SweepError(f"compression.kv_heads={list(c.kv_heads)}: each must be from 1 to {cfg.model.n_heads - 1}, below the target's {cfg.model.n_heads} heads")
 
 
-def run(p: Protocol, archive: Path | None = None, resume_from: Path | None = None) -> Path:
-    """The protocol, resumed where it stopped (from an archive's finished runs, if given one); from an archive, the
-    report made again from its runs alone."""
+def run(p: Protocol, archive: Path | None = None, resume_from: Path | None = None, cluster: list[str] | None = None, poll_s: float = 30.0) -> Path:
+    """The protocol, resumed where it stopped (from an archive's finished runs, if given one), its runs on this
+    machine or, given the launcher settings of a cluster, as SLURM jobs (every stage's shape checked before the
+    first); from an archive, the report made again from its runs alone."""
     started = time.perf_counter()
     out = Path(p.out)
     check(p)
     for given in (archive, resume_from):
         if given is not None:
             unpack(given, out)
-    runs = LocalRuns(archive)
-    results = run_sweep(p.sweep, collect_only=archive is not None)
-    stability = run_sweep(probe, collect_only=archive is not None) if (probe := stability_spec(p, out)) else None
+    if cluster is None:
+        runs = LocalRuns(archive)
+    else:
+        runs = SlurmRuns(p.name, out, p.resources_of, cluster, poll_s)
+        runs.check_shapes(stage_runs(p, out))
+    results = runs.sweep(p.sweep)
+    stability = runs.sweep(probe) if (probe := stability_spec(p, out)) else None
 
     n_target = target_size(p)
     fitted = lr_law(results, FitSettings(targets=(f"{n_target:g}",), margin=p.margin))
@@ -505,8 +513,11 @@ def cost_plan(p: Protocol, rates: Rates) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mea-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mea-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="With --slurm, after --: hydra.launcher.KEY=VALUE settings (partition, account, qos, constraint, timeout_min, ...).")
     parser.add_argument("spec", type=Path)
+    parser.add_argument("--slurm", action="store_true", help="every run a SLURM job, submitted stage by stage and followed from here (mea.studies.cluster)")
+    parser.add_argument("--poll-seconds", type=float, default=30.0, help="--slurm: how often the queue is read")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-archive", type=Path, metavar="RUNS_TAR_XZ", help="make the report again from a published report's runs.tar.xz alone, training nothing")
     source.add_argument("--pack", type=Path, metavar="RUNS_TAR_XZ", help="write the sitting's finished runs so far to one file, training nothing (to carry on elsewhere with --resume-from)")
@@ -518,13 +529,19 @@ def main(argv: list[str] | None = None) -> None:
     rate.add_argument("--mfu", type=float, help="the share of the card's peak a run reaches")
     rate.add_argument("--gpu", help="the card, for its peak (H100, H200, A100)")
     rate.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, where --gpu does not know it")
-    args = parser.parse_args(argv)
     try:
+        argv, settings = launcher_settings(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
+        if args.slurm and (args.from_archive or args.pack or args.plan):
+            raise SweepError("--slurm trains the sitting's runs on a cluster; --from-archive, --pack and --plan train nothing: give one or the other")
+        if settings and not args.slurm:
+            raise SweepError(f"{settings[0]}: launcher settings after -- go with --slurm")
         protocol_spec = load_protocol(args.spec)
         if args.plan:
             print(cost_plan(protocol_spec, rates_of(args)), end="")
             return
-        path = pack_sitting(protocol_spec, args.pack) if args.pack else run(protocol_spec, args.from_archive, args.resume_from)
+        cluster = settings if args.slurm else None
+        path = pack_sitting(protocol_spec, args.pack) if args.pack else run(protocol_spec, args.from_archive, args.resume_from, cluster, args.poll_seconds)
     except SweepStopped as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)

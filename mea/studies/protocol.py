@@ -1,5 +1,6 @@
 """What every study is built from, over the library: its training runs (LocalRuns: subprocesses that resume or skip
-by themselves, side by side as the sweep's are), and the noise rule its claims are read with.
+by themselves, side by side as the sweep's are; mea.studies.cluster.SlurmRuns, the same as SLURM jobs), and the
+noise rule its claims are read with.
 A study (mea.studies.*) is a spec plus a little code on top of these, mea.scaling.sweep and the tools."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from mea.run_directory import RunDirectory, describe
 from mea.scaling.effects import difference
-from mea.scaling.sweep import ROOT, Launcher, SweepError, SweepStopped, planned_identity, run_side_by_side
+from mea.scaling.sweep import ROOT, Launcher, SweepError, SweepSpec, SweepStopped, planned_identity, run_side_by_side, run_sweep
 
 
 class LocalRuns:
@@ -22,6 +23,10 @@ class LocalRuns:
 
     def __init__(self, archive: Path | None = None, launcher: Launcher | None = None):
         self.archive, self.launcher = archive, launcher or Launcher()
+
+    def sweep(self, spec: SweepSpec) -> Path:
+        """An LR sweep's runs (mea.scaling.sweep), or from an archive its results alone; its results.csv."""
+        return run_sweep(spec, self.launcher, collect_only=self.archive is not None)
 
     def train(self, run_dir: Path, overrides: list[str]) -> dict:
         """One training run, on every thread this process may use; its summary."""

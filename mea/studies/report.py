@@ -218,10 +218,9 @@ RUN_KINDS = {"an LR-sweep run": "sweep/*/*/*", "a stability-probe run": "stabili
 
 
 def example_run(out: Path, pattern: str) -> tuple[Path, list[str]] | None:
-    """The first run matching pattern under out, with the overrides it was started with (its Hydra record)."""
-    run = next(iter(sorted(out.glob(pattern))), None)
-    overrides = None if run is None else made_with(run)
-    return None if overrides is None else (run, overrides)
+    """The first run matching pattern under out that has a Hydra record (not submitit's or SLURM's folders), with
+    the overrides it was started with."""
+    return next(((run, overrides) for run in sorted(out.glob(pattern)) if (overrides := made_with(run)) is not None), None)
 
 
 def commands(p, out: Path) -> list[str]:
@@ -388,7 +387,8 @@ def write_report(p, f: Findings, made: dict, path: Path) -> Path:
     for c in compression:
         lines.append(f"| {c['setting']} | {c['val_after_conversion']:.4f} | {c['val_after_recovery']:.4f} | {c['kv_bytes_per_token']:,} | {c['decode_ms']:.2f} |")
     lines += ["", f"![recovery]({rel('compression_recovery.png')})", "", "## Scaling up", "",
-              "The same spec runs at GPU scale by overrides: larger `sweep.sizes` (model presets 25m–350m), `target.model=1.3b`, token budgets ×1000, "
-              "`data=fineweb_edu`, `deepspeed=zero2`, and `mea-sweep --slurm` for the sweep's job arrays.", ""]
+              "The protocol runs at GPU scale from `sweeps/paper_gpu_small.yaml` (targets near 125M) and `sweeps/paper_gpu.yaml` (350M–1.3B, FineWeb-Edu): "
+              "`mea-experiment SPEC --plan` prices a sitting in GPU-hours before it starts, and `mea-experiment SPEC --slurm` runs every stage as SLURM jobs "
+              "(docs/cluster.md).", ""]
     write_synced(path, "\n".join(lines) + "\n")
     return path

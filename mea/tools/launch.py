@@ -53,7 +53,7 @@ class Shape:
     nodes: int
     procs_per_node: int
     master_addr: str
-    master_port: int
+    master_port: int | None  # under SLURM, None: one derived from the job's id (below)
 
     @property
     def world_size(self) -> int:
@@ -130,7 +130,8 @@ def render_sbatch(args: argparse.Namespace, shape: Shape, torchrun: str, program
         "set -euo pipefail",
         'first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         'export MASTER_ADDR=$(scontrol show node "$first_node" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
-        f"export MASTER_PORT=${{MASTER_PORT:-{shape.master_port}}}",
+        # jobs sharing a node (one-GPU runs of a sweep or a sitting) each need a port of their own: one per job id
+        f"export MASTER_PORT=${{MASTER_PORT:-{shape.master_port or '$((20000 + SLURM_JOB_ID % 40000))'}}}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
         *[f"export {line}" for line in args.env],
         f"cd {shlex.quote(str(ROOT))}",
@@ -198,7 +199,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="training processes per node: GPUs, or CPU processes with --env DS_ACCELERATOR=cpu (then SLURM is asked for no GPUs)")
     parser.add_argument("--run-dir", required=True, help="the run directory, on storage every node sees")
     parser.add_argument("--master-addr", default="127.0.0.1", help="torchrun/deepspeed: the first node's address")
-    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--master-port", type=int, help="the rendezvous port (default: 29500; under SLURM one derived from the job's id)")
     parser.add_argument("--node-rank", type=int, help="torchrun: run this node's command here (else print every node's)")
     parser.add_argument("--hosts", help="deepspeed: comma-separated hosts, the first is the master (default: this machine)")
     parser.add_argument("--job-name", default="mea")
@@ -266,7 +267,7 @@ def launch(argv: list[str]) -> int:
     hosts = args.hosts.split(",") if args.hosts else None
     nodes = len(hosts) if hosts else args.nodes
     master = hosts[0] if hosts and args.master_addr == "127.0.0.1" else args.master_addr
-    shape = Shape(nodes, args.procs_per_node, master, args.master_port)
+    shape = Shape(nodes, args.procs_per_node, master, args.master_port or (None if args.backend == "slurm" else 29500))
     run_dir = str(Path(args.run_dir).absolute())
     if args.smoke and args.backend != "slurm":
         raise LaunchError("--smoke checks a SLURM cluster; use it with mea-launch slurm")
