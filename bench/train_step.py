@@ -1,7 +1,8 @@
 """Training-step throughput of every attention variant as a ratio to `mha`, measured side by side in one run.
 
     python bench/train_step.py                      # CPU preset: 4 layers, width 256, 8 heads, T 256, batch 8, fp32
-    python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16
+    python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16; eager and compiled
+    python bench/train_step.py --compile both       # every variant eager and torch.compile'd, side by side in one run
     python bench/train_step.py --preset cpu-long    # the CPU preset's model at the GPU preset's T 2048, batch 1
 
 Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak. One arm's
@@ -14,7 +15,9 @@ measures glibc's defaults, which return it to the kernel and fault it in again a
 Rounds interleave the variants (mha, mha_gn, mea, ...) so that drift in the machine hits all alike, each round
 starting one variant later, and each variant's timed steps follow one untimed step of its own. A variant's ratio
 to `mha` is taken round by round, so that it compares steps timed seconds apart, and the table gives the median
-of those ratios and their middle half (quartiles). Tokens/s is the median over rounds. Imports torch and
+of those ratios and their middle half (quartiles). With --compile both (a GPU's default), every variant runs
+eager and compiled in the same rounds: a table for each, each against its own `mha`, and the speed-up compiling
+gives each variant, again round by round. Tokens/s is the median over rounds. Imports torch and
 mea.models only, so it runs on a bare GPU machine.
 
 The training dynamics (mea.models.dynamics) cost nothing on a training step: they are one extra forward pass at
@@ -126,12 +129,15 @@ class Arm:
             self.batch //= 2
 
 
+MODES = {"off": {"eager": False}, "on": {"compiled": True}, "both": {"eager": False, "compiled": True}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", choices=list(PRESETS), help="model and batch size (default: the device's; smoke: a seconds-long check that it runs)")
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--compile", choices=list(MODES), help="torch.compile each model, or each eager and compiled side by side (default: both on a GPU, off on a CPU, where it takes minutes)")
     parser.add_argument("--default-heap", action="store_true", help="on a CPU, leave glibc's heap settings as they are")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -140,27 +146,57 @@ def main() -> None:
     rounds = args.rounds or p["rounds"]
     if rounds < 2:
         parser.error(f"--rounds {rounds}: the ratios' quartiles need at least 2 rounds; pass --rounds 2 or more")
+    modes = MODES[args.compile or ("both" if device.type == "cuda" else "off")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    arms_ = {name: Arm(attention, p, device, dtype, args.compile) for name, attention in arms().items()}
+    arms_ = {(name, mode): Arm(attention, p, device, dtype, compiled) for mode, compiled in modes.items() for name, attention in arms().items()}
     x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    saved, dynamics_s = first_turns(arms_, x, p, device)
+    times = timed_rounds(arms_, x, p, device, rounds)
 
+    peak = matmul_peak(device, dtype)
+    print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={'+'.join(modes)}" + (" · freed memory kept" if heap_kept else ""))
+    print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
+    print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
+    tokens_per_s = {key: [arm.batch * p["seq_len"] / t for t in times[key]] for key, arm in arms_.items()}
+    for mode in modes:
+        if len(modes) > 1:
+            print(f"\n{mode}:")
+        table({name: arm for (name, m), arm in arms_.items() if m == mode}, {name: v for (name, m), v in tokens_per_s.items() if m == mode},
+              {name: v for (name, m), v in saved.items() if m == mode}, {name: dynamics_s[name, mode] / statistics.median(times[name, mode]) for name, m in arms_ if m == mode},
+              p, peak, device.type == "cuda")
+    if len(modes) > 1:
+        print("\ncompiled ÷ eager (tokens/s, round by round): " + ", ".join(
+            f"{name} {statistics.median(c / e for e, c in zip(tokens_per_s[name, 'eager'], tokens_per_s[name, 'compiled'])):.2f}×" for name, m in arms_ if m == "eager"))
+    lowered = sorted({name for (name, _), arm in arms_.items() if arm.batch < p["batch"]})
+    if lowered:
+        print(f"batch: {', '.join(lowered)} did not fit batch {p['batch']} and ran at the batch shown (saved MiB scaled to batch {p['batch']})")
+    print("dyn pass: one dynamics pass (eval steps only), in training steps of that variant; no hook stays on the model")
+
+
+def first_turns(arms_: dict, x: torch.Tensor, p: dict, device: torch.device) -> tuple[dict, dict]:
+    """Each arm's first turn: its batch, compilation, what it saves, and the time of one dynamics pass."""
     saved, dynamics_s = {}, {}
-    for name, arm in arms_.items():  # each arm's first turn: its batch, compilation, what it saves, the dynamics pass
+    for key, arm in arms_.items():
         with arm.turn():
             arm.fit_batch(x)
             with arm.autocast():  # what the timed forward keeps, scaled to the preset's batch
-                saved[name] = saved_activation_bytes(arm.forward, x[: arm.batch, :-1]) / 2**20 * p["batch"] / arm.batch
+                saved[key] = saved_activation_bytes(arm.forward, x[: arm.batch, :-1]) / 2**20 * p["batch"] / arm.batch
                 sync(device)
                 start = time.perf_counter()  # before the timed rounds: whatever the pass leaves behind is in the step times
                 measure(arm.model, x[:DYNAMICS_SEQUENCES, :-1])
                 sync(device)
-            dynamics_s[name] = time.perf_counter() - start
+            dynamics_s[key] = time.perf_counter() - start
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in arm.model.modules()), "the dynamics pass left a hook"
-    times: dict[str, list[float]] = {name: [] for name in arms_}
-    names = list(arms_)
+    return saved, dynamics_s
+
+
+def timed_rounds(arms_: dict, x: torch.Tensor, p: dict, device: torch.device, rounds: int) -> dict[object, list[float]]:
+    """Seconds a step, per arm and round; each round starts one arm later."""
+    times: dict[object, list[float]] = {key: [] for key in arms_}
+    keys = list(arms_)
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            arm = arms_[name]
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            arm = arms_[key]
             with arm.turn():
                 arm.step(x)  # untimed: the allocator's heap is then this variant's, not the one before it's
                 sync(device)
@@ -168,27 +204,20 @@ def main() -> None:
                 for _ in range(p["steps"]):
                     arm.step(x)
                 sync(device)
-                times[name].append((time.perf_counter() - start) / p["steps"])
+                times[key].append((time.perf_counter() - start) / p["steps"])
+    return times
 
-    peak = matmul_peak(device, dtype)
-    print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={args.compile}" + (" · freed memory kept" if heap_kept else ""))
-    print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
-    print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
-    gpu = device.type == "cuda"
+
+def table(arms_: dict, tokens_per_s: dict, saved: dict, dyn_steps: dict, p: dict, peak: float, gpu: bool) -> None:
+    """One mode's rows: each variant against `mha` run the same way."""
     print(f"{'variant':<19} {'batch':>5} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7} {'dyn pass':>9}" + (f" {'peak GiB':>9}" if gpu else ""))
-    tokens_per_s = {name: [arm.batch * p["seq_len"] / t for t in times[name]] for name, arm in arms_.items()}
     for name, arm in arms_.items():
         rate = statistics.median(tokens_per_s[name])
         ratios = [variant / mha for mha, variant in zip(tokens_per_s["mha"], tokens_per_s[name])]  # round by round
         q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         mfu = rate * flops_per_token(arm.model.cfg, arm.model.attention_cfg, p["seq_len"]) / peak
-        dyn_steps = dynamics_s[name] / statistics.median(times[name])
         mem = f" {arm.peak_gib:9.2f}" if gpu else ""
-        print(f"{name:<19} {arm.batch:5d} {rate:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {mfu:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dyn_steps:9.2f}{mem}")
-    lowered = [name for name, arm in arms_.items() if arm.batch < p["batch"]]
-    if lowered:
-        print(f"batch: {', '.join(lowered)} did not fit batch {p['batch']} and ran at the batch shown (saved MiB scaled to batch {p['batch']})")
-    print("dyn pass: one dynamics pass (eval steps only), in training steps of that variant; no hook stays on the model")
+        print(f"{name:<19} {arm.batch:5d} {rate:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {mfu:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dyn_steps[name]:9.2f}{mem}")
 
 
 if __name__ == "__main__":

@@ -333,6 +333,27 @@ def test_every_variant_compiles_to_one_graph(attention):
     compiled_against_eager(attention, n_kv_heads=2, n_layers=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_compiles_to_real_arithmetic_equal_to_the_complex_turn(device):
+    """Under inductor the rotation is real arithmetic it fuses (inductor warns when it meets a complex op it
+    cannot generate code for, as the complex multiply was), equal to eager's complex multiply, forward and back."""
+    import warnings
+
+    from mea.models.attention.base import Rotary
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 40, 16, device=device, requires_grad=True)
+    rope = Rotary(torch.arange(40, device=device), 10000.0)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        turned = torch.compile(lambda x: rope(x), fullgraph=True)(x)
+    assert not [w for w in said if "complex" in str(w.message)], [str(w.message) for w in said]
+    grad = torch.autograd.grad(turned.square().sum(), x)[0]
+    reference = rope(x)
+    torch.testing.assert_close(turned, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad(reference.square().sum(), x)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_tha_keeps_under_twice_what_mha_keeps_at_t_2048():
     """What a step saves for backward at the GPU preset's length: with the maps recomputed per block of queries it
     stays of the order of `mha`'s, instead of growing with T² (6.9× at T 2048 before)."""

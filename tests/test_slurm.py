@@ -206,8 +206,8 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
     assert fit.returncode == 0 and (tmp_path / "fit" / "fit.json").is_file(), fit.stderr[-2000:]
 
 
-# The protocol at its smallest with every stage that submits jobs: arrays for the sweep; jobs for the target, a bracket,
-# an init check, a second corpus (a corpus of its own, so a second prepare job) and compression's recoveries
+# The protocol at its smallest with the stages that submit jobs: arrays for the sweep; jobs for the target, a bracket,
+# an init check and compression's recoveries (a second corpus's runs are jobs as the target's are)
 NANO = """
 name: nano
 out: {out}/runs
@@ -226,7 +226,6 @@ sweep:
 target: {{model: tiny, name: w96, tokens: 2048, overrides: [model.dim=96, model.n_heads=4], seeds: [0]}}
 lr_bracket: {{factors: [0.5, 1, 2], arms: [mea]}}
 init_checks: {{settings: {{llama: [model.init.scheme=llama, model.init.head_norm_scale=1.0]}}, arms: [mea]}}
-second_corpus: {{data: [data=tinyshakespeare, data.source={shakespeare}, data.vocab_size=384], seeds: [0], tokens: 1024}}
 compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all}}, recover_share: 0.25}}
 """
 
@@ -275,7 +274,7 @@ def without_where_and_how_long(report: str, out: Path) -> str:
 
 @pytest.mark.timeout(900)
 def test_the_protocol_on_slurm_killed_twice_and_started_again_reports_what_a_local_sitting_reports(cluster, tmp_path, shakespeare):
-    """Every stage as jobs, each corpus prepared once by a prepare job; the driver killed while the sweep's arrays
+    """Every stage as jobs, the corpus prepared once by a prepare job; the driver killed while the sweep's arrays
     are queued and again while the target's jobs are, each time started again with the same command: it follows
     the jobs in the queue, submits none twice, trains no run twice, and its report is the local sitting's but for
     where and how long it ran."""
@@ -314,13 +313,13 @@ def test_the_protocol_on_slurm_killed_twice_and_started_again_reports_what_a_loc
         assert len([task for task in (out / "sweep" / size / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", task.name)]) == 6
     jobs = [run for run in out.rglob("launch/job.json") if "prepare" not in run.parts]
     assert sorted(str(j.parent.parent.relative_to(out)) for j in jobs) == [
-        "compare-main/mea/s0", "compare-main/mha/s0", "compare-second/mea/s0", "compare-second/mha/s0", "compression/kv2-all-recover",
+        "compare-main/mea/s0", "compare-main/mha/s0", "compression/kv2-all-recover",
         "compression/kv2-middle-recover", "compression/uncompressed-recover", "init-check/llama/mea", "lr-bracket/mea/x0.5", "lr-bracket/mea/x2"]
     for job_file in jobs:  # one job a run, its log appended to by no second one
         logs = {p.stem.rsplit("-", 1)[1] for p in (job_file.parent.parent / "logs").glob("*.out")}
         assert logs == {str(json.loads(job_file.read_text())["job"])}, (job_file, logs)
     prepared = sorted(p.name for p in (out / "prepare").iterdir())
-    assert len(prepared) == 2 and all(len(list((out / "prepare" / corpus / "logs").glob("*.out"))) == 1 for corpus in prepared)
+    assert len(prepared) == 1 and all(len(list((out / "prepare" / corpus / "logs").glob("*.out"))) == 1 for corpus in prepared)
     read = {(tmp_path / "cache" / "data" / json.loads(s.read_text())["data"]).resolve().name for s in out.rglob("summary.json")}  # a recovery: the link
     assert read == set(prepared) and all((tmp_path / "cache" / "data" / corpus / "manifest.json").is_file() for corpus in prepared)  # of its tokenizer's file
     reports = {where: without_where_and_how_long((tmp_path / where / "results" / "nano.md").read_text(), tmp_path / where) for where in ("local", "slurm")}

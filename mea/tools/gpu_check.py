@@ -3,7 +3,8 @@
     make gpu-check                       # or: python -m mea.tools.gpu_check [--out FILE]
 
 1. the CUDA suite (`pytest -m cuda`): each test passes, fails or skips;
-2. bench/train_step.py and bench/decode.py with --device cuda (presets that fit an 80 GB card), their tables quoted;
+2. bench/train_step.py (eager: its compiled half, `--compile both`, is a run of its own, untimed on a GPU yet) and
+   bench/decode.py with --device cuda (presets that fit an 80 GB card), their tables quoted;
 3. a short trainer run of each variant under each engine (plain PyTorch, ZeRO 1, 2, 3) at model=125m, T 1024,
    batch 16, in bf16, eager: tokens/s and MFU over its last 10 steps, and peak memory.
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     checks, suite_s = cuda_suite(work)
     benches, quoted = [], []
     for script in ("train_step.py", "decode.py"):
-        proc, seconds = timed([sys.executable, f"bench/{script}", "--device", "cuda", *(["--rounds", "2"] if script == "train_step.py" else [])], timeout=900)
+        proc, seconds = timed([sys.executable, f"bench/{script}", "--device", "cuda", *(["--rounds", "2", "--compile", "off"] if script == "train_step.py" else [])], timeout=900)
         benches.append((f"bench/{script} --device cuda", "pass" if proc.returncode == 0 else "fail", f"{seconds:.0f} s" if proc.returncode == 0 else proc.stderr.strip()[-160:]))
         quoted.append(f"`python bench/{script} --device cuda`\n```\n{(proc.stdout if proc.returncode == 0 else proc.stderr[-3000:]).rstrip()}\n```")
     trainer_checks, trainer_rows, throughput, trainer_s = trainer_table(work)

@@ -61,8 +61,8 @@ class Rotary:
     """RoPE for the positions of one forward call, at whatever head width it meets.
 
     Channels (2i, 2i+1) of a head of width d are one complex number, turned by the angle p·θ^(−2i/d) at
-    position p (the pairing of Llama's reference code): one complex multiply forward and one backward, 1.8×
-    faster on CPU than rotating halves with real arithmetic. Every head is turned alike, so RoPE commutes with
+    position p (the pairing of Llama's reference code): eager, one complex multiply forward and one backward, 1.8×
+    faster on CPU than rotating halves with real arithmetic; compiled, real arithmetic (rotate). Every head is turned alike, so RoPE commutes with
     any linear mixing across heads.
     """
 
@@ -72,7 +72,8 @@ class Rotary:
         self._turns: dict[int, torch.Tensor] = {}
 
     def turns(self, width: int) -> torch.Tensor:
-        """(T, width/2) unit complex numbers, one per position and channel pair of a head of this width, computed
+        """(T, width/2, 2): the cosine and sine of the turn of each position and channel pair of a head of this
+        width (real numbers, so that a compiled graph holds no complex op: inductor has no code for them), computed
         once per forward call in eager mode. Compiled, they are computed where used (the compiler fuses them):
         filling the cache inside a block that activation checkpointing recomputes is a side effect it cannot
         replay, and a graph break."""
@@ -85,19 +86,28 @@ class Rotary:
     def computed_turns(self, width: int) -> torch.Tensor:
         inv_freq = self.theta ** -(torch.arange(0, width, 2, device=self.positions.device, dtype=torch.float32) / width)
         angles = self.positions.float()[:, None] * inv_freq[None, :]
-        return torch.polar(torch.ones_like(angles), angles)
+        return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
     def __call__(self, x_BhTd: torch.Tensor) -> torch.Tensor:
         return rotate(x_BhTd, self.turns(x_BhTd.shape[-1]))
 
 
-def rotate(x_BhTd: torch.Tensor, turns_Tp: torch.Tensor) -> torch.Tensor:
-    """x with channel pair j of every head turned by turns_Tp[:, j] (in float32, as complex needs)."""
+def rotate(x_BhTd: torch.Tensor, turns_Tp2: torch.Tensor) -> torch.Tensor:
+    """x with channel pair j of every head turned by turns_Tp2[:, j] (its cosine and sine), in float32.
+
+    Eager, one complex multiply. Compiled, the same turn in real arithmetic, (a, b) -> (a·c − b·s, a·s + b·c):
+    inductor generates no code for complex numbers and leaves such a multiply unfused, with copies in and out
+    of the complex view (compiled, forward and backward, 1.27x faster on CPU in real arithmetic; eager, the
+    complex multiply is 1.9x faster)."""
+    if torch.compiler.is_compiling():
+        pairs = x_BhTd.float().unflatten(-1, (-1, 2))
+        a, b, c, s = pairs[..., 0], pairs[..., 1], turns_Tp2[..., 0], turns_Tp2[..., 1]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x_BhTd)
     x = x_BhTd.float()
     if x.stride(-1) != 1:  # a complex view needs each pair adjacent in memory
         x = x.contiguous()
     z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    return torch.view_as_real(z * turns_Tp).flatten(-2).type_as(x_BhTd)
+    return torch.view_as_real(z * torch.view_as_complex(turns_Tp2)).flatten(-2).type_as(x_BhTd)
 
 
 class HeadNorm(nn.Module):

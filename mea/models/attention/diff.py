@@ -81,8 +81,8 @@ class DifferentialAttention(MultiHeadAttention):
         # writes the two queries of every head side by side in one pass.
         turns = rope.turns(self.shape.head_dim // 2)
         zero = torch.zeros_like(turns)
-        both_2Tp = torch.stack([torch.cat([turns, zero], dim=-1), torch.cat([zero, turns], dim=-1)])
-        return rotate(q[:, :, None], both_2Tp).flatten(1, 2), rotate(k, torch.cat([turns, turns], dim=-1))
+        both_2Tp2 = torch.stack([torch.cat([turns, zero], dim=-2), torch.cat([zero, turns], dim=-2)])
+        return rotate(q[:, :, None], both_2Tp2).flatten(1, 2), rotate(k, torch.cat([turns, turns], dim=-2))
 
     def attention_probs(self, x_BTC: torch.Tensor, rope: Rotary) -> torch.Tensor:
         """The two softmax maps of every head, (B, 2H, T, T): first maps in 0 … H−1, second maps in H … 2H−1
