@@ -403,3 +403,11 @@ def test_every_run_of_a_sitting_is_in_the_experiments_wandb_group_tagged_with_it
     logger = compose_run(next(iter(stages["lr_bracket"].values()))).logger
     assert logger.group == "micro" and list(logger.tags) == ["stage:lr_bracket"]  # the trainer adds variant:<arm>, size, lr and seed
     assert wandb_filters("micro", "target") == {"group": "micro", "tags": {"$in": ["stage:target"]}} and wandb_filters(None, None) is None
+
+
+def test_a_specs_compression_layer_sets_replace_the_default_ones(tmp_path):
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt"))
+    assert load_protocol(spec).compression.layer_sets == {"all": "all"}  # no "middle" joined to them: its recovery run is not asked for
+    spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt").replace(", layer_sets: {all: all}", ""))
+    assert load_protocol(spec).compression.layer_sets == {"all": "all", "middle": "middle"}

@@ -163,7 +163,10 @@ def load_protocol(path: Path) -> Protocol:
         raw.sweep.out = f"{raw.get('out', f'runs/experiments/{raw.name}')}/sweep"
         raw.sweep.tags = ["stage:sweep"]
         raw.spec = str(path)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Protocol), raw))
+        defaults = OmegaConf.structured(Protocol)
+        if OmegaConf.select(raw, "compression.layer_sets") is not None:  # the spec's sets replace the default ones, not join them
+            defaults.compression.layer_sets = {}
+        return OmegaConf.to_object(OmegaConf.merge(defaults, raw))
     except OmegaConfBaseException as e:
         raise SweepError(f"{path}: {str(e).splitlines()[0]}; sweeps/paper_small.yaml shows every setting a spec takes") from None
 
