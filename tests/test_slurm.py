@@ -206,8 +206,8 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
     assert fit.returncode == 0 and (tmp_path / "fit" / "fit.json").is_file(), fit.stderr[-2000:]
 
 
-# The protocol at its smallest with the stages that submit jobs: arrays for the sweep; jobs for the target, a bracket,
-# an init check and compression's recoveries (a second corpus's runs are jobs as the target's are)
+# The protocol at its smallest with the stages that submit jobs: arrays for the sweep; jobs for the target, a bracket
+# and compression's recoveries (a second corpus's runs and init checks are jobs as the target's are)
 NANO = """
 name: nano
 out: {out}/runs
@@ -225,7 +225,6 @@ sweep:
               trainer.log_every=4, trainer.eval_batches=1, trainer.sample_tokens=4, scheduler.warmup_steps=2, model.n_layers=2]
 target: {{model: tiny, name: w96, tokens: 2048, overrides: [model.dim=96, model.n_heads=4], seeds: [0]}}
 lr_bracket: {{factors: [0.5, 1, 2], arms: [mea]}}
-init_checks: {{settings: {{llama: [model.init.scheme=llama, model.init.head_norm_scale=1.0]}}, arms: [mea]}}
 compression: {{arm: mea, kv_heads: [2], layer_sets: {{all: all}}, recover_share: 0.25}}
 """
 
@@ -314,7 +313,7 @@ def test_the_protocol_on_slurm_killed_twice_and_started_again_reports_what_a_loc
     jobs = [run for run in out.rglob("launch/job.json") if "prepare" not in run.parts]
     assert sorted(str(j.parent.parent.relative_to(out)) for j in jobs) == [
         "compare-main/mea/s0", "compare-main/mha/s0", "compression/kv2-all-recover",
-        "compression/uncompressed-recover", "init-check/llama/mea", "lr-bracket/mea/x0.5", "lr-bracket/mea/x2"]
+        "compression/uncompressed-recover", "lr-bracket/mea/x0.5", "lr-bracket/mea/x2"]
     for job_file in jobs:  # one job a run, its log appended to by no second one
         logs = {p.stem.rsplit("-", 1)[1] for p in (job_file.parent.parent / "logs").glob("*.out")}
         assert logs == {str(json.loads(job_file.read_text())["job"])}, (job_file, logs)
