@@ -173,7 +173,7 @@ ARRAY = ("hydra.launcher.partition=cpu", "hydra.launcher.gpus_per_node=0", "hydr
 
 def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(cluster, tmp_path):
     """Both sizes' arrays queued at once; submitit's warning (USR2) to one array task: the trainer saves, submitit
-    requeues the task, and it resumes from that checkpoint; results.csv and mea-fit follow."""
+    requeues the task, and it resumes from that checkpoint; results.csv follows."""
     spec = tmp_path / "arrays.yaml"
     out = tmp_path / "out"
     spec.write_text(SWEEP.replace("OUT", str(out)))
@@ -201,9 +201,7 @@ def test_a_sweep_runs_as_job_arrays_and_a_task_warned_of_its_time_limit_resumes(
     steps = [r["step"] for r in rows(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 300
     results = (out / "results.csv").read_text().splitlines()
-    assert len(results) == 7
-    fit = run_cli("sweeps/fit.py", "lr-law", str(out / "results.csv"), "--out", str(tmp_path / "fit"), "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
-    assert fit.returncode == 0 and (tmp_path / "fit" / "fit.json").is_file(), fit.stderr[-2000:]
+    assert len(results) == 7  # a fit from arrays' results: the --slurm sitting's test below
 
 
 # The protocol at its smallest with the stages that submit jobs: arrays for the sweep; jobs for the target, a bracket
