@@ -193,8 +193,8 @@ def queued(names: set[str], under: Path) -> set[str]:
     if proc.returncode != 0:
         raise SweepError(f"squeue failed ({(proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1]}): the driver cannot tell which runs are queued; "
                          "run it where SLURM's commands answer (a login node)")
-    jobs = [line.strip().split(maxsplit=1) for line in proc.stdout.splitlines() if line.strip()]
-    return {job[0] for job in jobs if job[0] in names and len(job) == 2 and Path(job[1].strip()).is_relative_to(under.resolve())}
+    jobs, folder = [line.strip().split(maxsplit=1) for line in proc.stdout.splitlines() if line.strip()], under.resolve()
+    return {job[0] for job in jobs if job[0] in names and len(job) == 2 and Path(job[1].strip()).is_relative_to(folder)}
 
 
 def wait_until_gone(names: set[str], under: Path, poll_s: float) -> None:

@@ -61,10 +61,13 @@ class SlurmRuns(LocalRuns):
     def on_cpus(self) -> bool:
         return self.settings.get("gpus_per_node") == "0"
 
+    def flags(self, keys=tuple(JOB_SETTINGS)) -> list[str]:
+        """`--flag=value` for those of the launcher settings given that are among keys (JOB_SETTINGS' names)."""
+        return [f"{JOB_SETTINGS[key]}={self.settings[key]}" for key in keys if key in self.settings]
+
     def job_flags(self) -> list[str]:
-        """mea-launch's flags for the launcher settings given (JOB_SETTINGS)."""
-        flags = [part for key, flag in JOB_SETTINGS.items() if key in self.settings for part in (flag, self.settings[key])]
-        return flags + (["--env", "DS_ACCELERATOR=cpu"] if self.on_cpus else [])
+        """mea-launch's flags for the launcher settings given."""
+        return self.flags() + (["--env", "DS_ACCELERATOR=cpu"] if self.on_cpus else [])
 
     def check_shapes(self, stages: dict[str, dict[Path, list[str]]]) -> None:
         """Before anything is submitted: each stage's batch split over its runs' ranks (the plan's check), and its
@@ -74,7 +77,7 @@ class SlurmRuns(LocalRuns):
         for stage in [stage for stage, runs in stages.items() if runs]:
             given = self.resources_of(stage)
             gpus = [] if self.on_cpus else [f"--gpus-per-node={given.gpus_per_node}"]
-            flags = [f"{flag}={self.settings[key]}" for key, flag in JOB_SETTINGS.items() if key in self.settings and key != "signal_delay_s"]
+            flags = self.flags([key for key in JOB_SETTINGS if key != "signal_delay_s"])  # sbatch's own flags
             asked = subprocess.run([sbatch, "--test-only", f"--nodes={given.nodes}", "--ntasks-per-node=1", *gpus, *flags, "--wrap", "true"],
                                    capture_output=True, text=True)
             if asked.returncode != 0:
@@ -146,7 +149,7 @@ class SlurmRuns(LocalRuns):
         folder = self.out / "prepare" / path.name
         for made in ("logs", "launch"):
             (folder / made).mkdir(parents=True, exist_ok=True)
-        flags = [f"#SBATCH {flag}={self.settings[key]}\n" for key, flag in JOB_SETTINGS.items() if key in ("partition", "account", "qos", "timeout_min") and key in self.settings]
+        flags = [f"#SBATCH {flag}\n" for flag in self.flags(("partition", "account", "qos", "timeout_min"))]
         script = (f"#!/bin/bash\n#SBATCH --job-name={name}\n#SBATCH --nodes=1\n#SBATCH --cpus-per-task={self.settings.get('cpus_per_task', 8)}\n"
                   f"#SBATCH --output={folder}/logs/%x-%j.out\n#SBATCH --error={folder}/logs/%x-%j.err\n" + "".join(flags)
                   + f"cd {shlex.quote(str(ROOT))}\nexec {shlex.join([sys.executable, str(ROOT / 'data' / 'prepare.py'), *data])}\n")
