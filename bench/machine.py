@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import platform
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def describe(device: torch.device) -> str:
@@ -47,3 +50,27 @@ def seconds_per_call(work, device: torch.device, reps: int) -> float:
         work()
     sync(device)
     return (time.perf_counter() - start) / reps
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """The most bytes held at once by tensors made inside the block (each storage once, until it is freed): a step's
+    activations, gradients and temporaries, without the weights and optimizer state made before it. A CPU has no
+    allocator peak to read; this counts what eager PyTorch allocates, on any device (not inside compiled code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.held = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (storage := t.untyped_storage())._cdata not in self.held:
+                self.held.add(storage._cdata)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self.freed, storage._cdata, storage.nbytes())
+        return out
+
+    def freed(self, key: int, nbytes: int) -> None:
+        self.held.discard(key)
+        self.live -= nbytes

@@ -4,8 +4,16 @@
     python bench/train_step.py --device cuda        # GPU preset: 12 layers, width 1024, 16 heads, T 2048, bf16; eager and compiled
     python bench/train_step.py --compile both       # every variant eager and torch.compile'd, side by side in one run
     python bench/train_step.py --preset cpu-long    # the CPU preset's model at the GPU preset's T 2048, batch 1
+    python bench/train_step.py --preset 125m --losses   # mha under each loss form at model=125m, vocabulary 32,768
 
-Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak. One arm's
+Every variant computes its loss as the trainer does by default (`chunked`, mea.models.loss); `mha (full CE)` keeps
+the whole logits instead, and on a GPU `mha (liger CE)` and `mha (cce CE)` run those kernels where their extras are
+installed, so the table prices the LM head's loss too. `--preset 125m --losses` runs those arms alone at model=125m's
+width and vocabulary 32,768.
+
+Memory: the activations autograd saves for backward (every device) and, on a GPU, the allocator's peak; on a CPU,
+which has no allocator peak to read, the most bytes one eager step's tensors hold at once (bench.machine.PeakTensorBytes:
+activations, gradients and temporaries; weights and optimizer state are not counted). One arm's
 model and optimizer are on the GPU at a time (the others wait in host memory), and each arm's peak is read from an
 allocator reset when its turn starts, so a row's peak is that arm's alone. An arm that does not fit the preset's
 batch runs at the largest batch that does (halving it), and its row says so; its saved bytes are scaled to the
@@ -36,25 +44,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.machine import describe, matmul_peak, sync  # noqa: E402
+from bench.machine import PeakTensorBytes, describe, matmul_peak, sync  # noqa: E402
 from mea.cpu_heap import keep_freed_memory  # noqa: E402
 from mea.models import LM, REGISTRY, ModelConfig, flops_per_token  # noqa: E402
 from mea.models.dynamics import DYNAMICS_SEQUENCES, measure  # noqa: E402
 from mea.models.attention.diff import DiffConfig  # noqa: E402
 from mea.models.attention.mea import MEAConfig  # noqa: E402
+from mea.models.loss import CROSS_ENTROPY, why_unavailable  # noqa: E402
 
 PRESETS = {
     "cpu": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=256, batch=8, rounds=7, steps=3),
     "cuda": dict(dim=1024, n_layers=12, n_heads=16, vocab=32768, seq_len=2048, batch=8, rounds=5, steps=10),
     "smoke": dict(dim=64, n_layers=2, n_heads=4, vocab=512, seq_len=64, batch=4, rounds=2, steps=1),  # does it run
     "cpu-long": dict(dim=256, n_layers=4, n_heads=8, vocab=4096, seq_len=2048, batch=1, rounds=2, steps=1),  # the GPU preset's T: saved bytes
+    "125m": dict(dim=768, n_layers=12, n_heads=12, vocab=32768, seq_len=1024, batch=8, rounds=3, steps=2),  # model=125m: the LM head's share at its size
 }
 
 
-def arms() -> dict[str, object]:
-    arms = {name: cls.Config() for name, cls in REGISTRY.items()}
-    arms["mea (einsum HLC)"] = MEAConfig(fold_hlc=False)
-    arms["diff (paired heads)"] = DiffConfig(pair_heads=True)
+def arms(device: torch.device, losses_only: bool = False) -> dict[str, tuple[object, str]]:
+    """name: (attention config, loss form). Every variant with the trainer's default loss (chunked), and `mha` under
+    each other form this machine runs (the Triton ones where their extra is installed on a GPU); or that alone."""
+    mha = REGISTRY["mha"].Config()
+    arms = {"mha": (mha, "chunked")} | {f"mha ({form} CE)": (mha, form) for form in CROSS_ENTROPY if form != "chunked" and not why_unavailable(form, device)}
+    if not losses_only:
+        arms |= {name: (cls.Config(), "chunked") for name, cls in REGISTRY.items() if name != "mha"}
+        arms["mea (einsum HLC)"] = (MEAConfig(fold_hlc=False), "chunked")
+        arms["diff (paired heads)"] = (DiffConfig(pair_heads=True), "chunked")
     return dict(sorted(arms.items(), key=lambda kv: (kv[0] != "mha", kv[0])))
 
 
@@ -76,20 +91,21 @@ def saved_activation_bytes(forward, *inputs: torch.Tensor) -> int:
 class Arm:
     """One variant's model, optimizer and forward (compiled or not), kept in host memory between its turns."""
 
-    def __init__(self, attention, p: dict, device: torch.device, dtype: torch.dtype, compile: bool):
+    def __init__(self, attention, cross_entropy: str, p: dict, device: torch.device, dtype: torch.dtype, compile: bool):
         torch.manual_seed(0)
-        self.model = LM(ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"]), attention)
+        cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"])
+        self.model = LM(cfg, attention, cross_entropy)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # as mea.train.optim builds it
         self.forward = torch.compile(self.model) if compile else self.model
-        self.device, self.dtype, self.batch, self.peak_gib = device, dtype, p["batch"], 0.0
+        self.device, self.dtype, self.batch, self.compiled = device, dtype, p["batch"], compile
+        self.peak_gib, self.step_peak_mib = 0.0, None  # the GPU allocator's peak; on a CPU, what one eager step's tensors hold at most
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.device.type == "cuda")
 
     def step(self, x: torch.Tensor) -> None:
         with self.autocast():
-            logits = self.forward(x[: self.batch, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[: self.batch, 1:].flatten())
+            loss = self.forward(x[: self.batch, :-1], x[: self.batch, 1:])
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -137,18 +153,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", choices=list(PRESETS), help="model and batch size (default: the device's; smoke: a seconds-long check that it runs)")
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--batch", type=int, help="sequences a step, in place of the preset's")
     parser.add_argument("--compile", choices=list(MODES), help="torch.compile each model, or each eager and compiled side by side (default: both on a GPU, off on a CPU, where it takes minutes)")
+    parser.add_argument("--losses", action="store_true", help="mha alone, under each loss form this machine runs: the LM head's cost (--preset 125m)")
     parser.add_argument("--default-heap", action="store_true", help="on a CPU, leave glibc's heap settings as they are")
     args = parser.parse_args()
     device = torch.device(args.device)
     heap_kept = device.type == "cpu" and not args.default_heap and keep_freed_memory()
-    p = PRESETS[args.preset or args.device]
+    p = PRESETS[args.preset or args.device] | ({"batch": args.batch} if args.batch else {})
     rounds = args.rounds or p["rounds"]
     if rounds < 2:
         parser.error(f"--rounds {rounds}: the ratios' quartiles need at least 2 rounds; pass --rounds 2 or more")
     modes = MODES[args.compile or ("both" if device.type == "cuda" else "off")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    arms_ = {(name, mode): Arm(attention, p, device, dtype, compiled) for mode, compiled in modes.items() for name, attention in arms().items()}
+    arms_ = {(name, mode): Arm(attention, loss, p, device, dtype, compiled) for mode, compiled in modes.items() for name, (attention, loss) in arms(device, args.losses).items()}
     x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), generator=torch.Generator().manual_seed(0)).to(device)
     saved, dynamics_s = first_turns(arms_, x, p, device)
     times = timed_rounds(arms_, x, p, device, rounds)
@@ -179,8 +197,12 @@ def first_turns(arms_: dict, x: torch.Tensor, p: dict, device: torch.device) -> 
     for key, arm in arms_.items():
         with arm.turn():
             arm.fit_batch(x)
+            if device.type == "cpu" and not arm.compiled:  # a CPU has no allocator peak: count what the step's tensors hold
+                with PeakTensorBytes() as held:
+                    arm.step(x)
+                arm.step_peak_mib = held.peak / 2**20
             with arm.autocast():  # what the timed forward keeps, scaled to the preset's batch
-                saved[key] = saved_activation_bytes(arm.forward, x[: arm.batch, :-1]) / 2**20 * p["batch"] / arm.batch
+                saved[key] = saved_activation_bytes(arm.forward, x[: arm.batch, :-1], x[: arm.batch, 1:]) / 2**20 * p["batch"] / arm.batch
                 sync(device)
                 start = time.perf_counter()  # before the timed rounds: whatever the pass leaves behind is in the step times
                 measure(arm.model, x[:DYNAMICS_SEQUENCES, :-1])
@@ -210,13 +232,14 @@ def timed_rounds(arms_: dict, x: torch.Tensor, p: dict, device: torch.device, ro
 
 def table(arms_: dict, tokens_per_s: dict, saved: dict, dyn_steps: dict, p: dict, peak: float, gpu: bool) -> None:
     """One mode's rows: each variant against `mha` run the same way."""
-    print(f"{'variant':<19} {'batch':>5} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7} {'dyn pass':>9}" + (f" {'peak GiB':>9}" if gpu else ""))
+    memory = "peak GiB" if gpu else "step MiB"
+    print(f"{'variant':<19} {'batch':>5} {'tokens/s':>9} {'vs mha':>7} {'middle half':>12} {'MFU':>6} {'saved MiB':>10} {'vs mha':>7} {'dyn pass':>9} {memory:>9}")
     for name, arm in arms_.items():
         rate = statistics.median(tokens_per_s[name])
         ratios = [variant / mha for mha, variant in zip(tokens_per_s["mha"], tokens_per_s[name])]  # round by round
         q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
         mfu = rate * flops_per_token(arm.model.cfg, arm.model.attention_cfg, p["seq_len"]) / peak
-        mem = f" {arm.peak_gib:9.2f}" if gpu else ""
+        mem = f" {arm.peak_gib:9.2f}" if gpu else f" {arm.step_peak_mib:9,.0f}" if arm.step_peak_mib is not None else f" {'—':>9}"
         print(f"{name:<19} {arm.batch:5d} {rate:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {mfu:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dyn_steps[name]:9.2f}{mem}")
 
 

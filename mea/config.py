@@ -70,6 +70,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     compile: Any = "auto"  # auto (on for CUDA, off for CPU) | true | false; Any: OmegaConf 2.3 has no bool-or-str type
+    cross_entropy: str = "auto"  # how the LM head's loss is computed (mea.models.loss): auto (chunked) | full | chunked | liger | cce
     activation_checkpointing: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -139,6 +140,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "fp32", "bf16"),
     "trainer.compile": ("auto", True, False),
+    "trainer.cross_entropy": ("auto", "full", "chunked", "liger", "cce"),
     "deepspeed.stage": (0, 1, 2, 3),
     "logger.mode": ("online", "offline", "disabled"),
 }

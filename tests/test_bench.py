@@ -21,10 +21,11 @@ def test_train_step_bench_prints_every_variant_against_mha():
 
     out = run_bench("train_step.py", "--preset", "smoke")
     assert re.search(r"device: CPU .*, \d+ threads .* freed memory kept", out) and "measured matmul peak" in out
-    rows = {m[1]: m for m in re.finditer(r"^(\S+(?: \([^)]+\))?) +4 +([\d,]+) +([\d.]+) +([\d.]+)–([\d.]+) +([\d.]+)% +([\d,]+) +([\d.]+) +([\d.]+)$", out, re.M)}
-    assert set(rows) == set(REGISTRY) | {"mea (einsum HLC)", "diff (paired heads)"}  # each at the preset's batch, 4
+    rows = {m[1]: m for m in re.finditer(r"^(\S+(?: \([^)]+\))?) +4 +([\d,]+) +([\d.]+) +([\d.]+)–([\d.]+) +([\d.]+)% +([\d,]+) +([\d.]+) +([\d.]+) +([\d,]+)$", out, re.M)}
+    assert set(rows) == set(REGISTRY) | {"mea (einsum HLC)", "diff (paired heads)", "mha (full CE)"}  # each at the preset's batch, 4
     assert rows["mha"][3] == rows["mha"][4] == rows["mha"][5] == rows["mha"][8] == "1.000"
     assert all(float(r[4]) <= float(r[3]) <= float(r[5]) and 0 < float(r[6]) < 100 and float(r[9]) > 0 for r in rows.values())
+    assert all(float(r[10].replace(",", "")) > 0 for r in rows.values())  # a CPU's step peak (PeakTensorBytes)
     assert "did not fit" not in out
     assert "dyn pass: one dynamics pass (eval steps only)" in out
 

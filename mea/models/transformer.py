@@ -15,6 +15,7 @@ from torch import nn
 from .attention import AttentionConfig, HeadShape, KVCache, Rotary, build_attention, variant_class
 from .attention.base import HeadNorm
 from .init import InitConfig, resolve_init
+from .loss import LMHead
 
 
 @dataclass
@@ -113,7 +114,9 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: AttentionConfig):
+    """cross_entropy: how the loss is computed (mea.models.loss), which changes its cost, not its value."""
+
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, cross_entropy: str = "chunked"):
         super().__init__()
         check_shape(cfg, variant_class(attention.name).any_kv_heads)
         if not cfg.vocab_size:
@@ -124,7 +127,7 @@ class LM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, attention, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.dim, cfg.vocab_size, cross_entropy)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.reset_parameters()
@@ -166,10 +169,7 @@ class LM(nn.Module):
             x = x * self.embed_multiplier
         for i, block in enumerate(self.blocks):
             x = block(x, rope, caches[i] if caches else None)
-        logits = self.head(self.norm(x))
-        if targets_BT is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets_BT.flatten())
+        return self.head(self.norm(x), targets_BT)
 
     def new_caches(self, max_len: int | None = None) -> list[KVCache]:
         return [KVCache(max_len or self.cfg.max_seq_len) for _ in self.blocks]

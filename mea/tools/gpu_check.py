@@ -3,8 +3,9 @@
     make gpu-check                       # or: python -m mea.tools.gpu_check [--out FILE]
 
 1. the CUDA suite (`pytest -m cuda`): each test passes, fails or skips;
-2. bench/train_step.py (eager: its compiled half, `--compile both`, is a run of its own, untimed on a GPU yet) and
-   bench/decode.py with --device cuda (presets that fit an 80 GB card), their tables quoted;
+2. bench/train_step.py (eager: its compiled half, `--compile both`, is a run of its own, untimed on a GPU yet), the
+   same at model=125m for each loss form (`--preset 125m --losses`), and bench/decode.py, with --device cuda (presets
+   that fit an 80 GB card), their tables quoted;
 3. a short trainer run of each variant under each engine (plain PyTorch, ZeRO 1, 2, 3) at model=125m, T 1024,
    batch 16, in bf16, eager: tokens/s and MFU over its last 10 steps, and peak memory.
 
@@ -32,6 +33,9 @@ NEEDED = ("torch", "hydra", "omegaconf", "deepspeed", "datasets", "tokenizers", 
           "xdist", "pytest_timeout")  # import names of what train.py and the CUDA suite import
 VARIANTS = ("mha", "mha_gn", "mea", "diff", "tha")
 ENGINES = ("none", "zero1", "zero2", "zero3")
+BENCHES = (("bench/train_step.py", "--device", "cuda", "--rounds", "2", "--compile", "off"),
+           ("bench/train_step.py", "--device", "cuda", "--preset", "125m", "--losses", "--rounds", "3", "--compile", "off"),  # the LM head's loss, where it is largest
+           ("bench/decode.py", "--device", "cuda"))
 TRAINER_RUN = ("model=125m", "data.seq_len=1024", "trainer.global_batch=16", "trainer.max_steps=20", "trainer.log_every=10", "trainer.eval_every=20",
                "trainer.eval_batches=1", "trainer.dynamics=false", "trainer.sample_tokens=8", "trainer.device=cuda", "trainer.precision=bf16",
                "trainer.compile=false", "logger.mode=disabled")  # eager: 20 compilations would not fit 5 minutes
@@ -127,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
 
     checks, suite_s = cuda_suite(work)
     benches, quoted = [], []
-    for script in ("train_step.py", "decode.py"):
-        proc, seconds = timed([sys.executable, f"bench/{script}", "--device", "cuda", *(["--rounds", "2", "--compile", "off"] if script == "train_step.py" else [])], timeout=900)
-        benches.append((f"bench/{script} --device cuda", "pass" if proc.returncode == 0 else "fail", f"{seconds:.0f} s" if proc.returncode == 0 else proc.stderr.strip()[-160:]))
-        quoted.append(f"`python bench/{script} --device cuda`\n```\n{(proc.stdout if proc.returncode == 0 else proc.stderr[-3000:]).rstrip()}\n```")
+    for bench in BENCHES:
+        proc, seconds = timed([sys.executable, *bench], timeout=900)
+        benches.append((" ".join(bench), "pass" if proc.returncode == 0 else "fail", f"{seconds:.0f} s" if proc.returncode == 0 else proc.stderr.strip()[-160:]))
+        quoted.append(f"`python {' '.join(bench)}`\n```\n{(proc.stdout if proc.returncode == 0 else proc.stderr[-3000:]).rstrip()}\n```")
     trainer_checks, trainer_rows, throughput, trainer_s = trainer_table(work)
     checks += benches + trainer_checks
 

@@ -24,6 +24,7 @@ from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, PreparedCorpus, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
 from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
+from mea.models.loss import why_unavailable
 from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments, copy_synced, identity_of
 
 from . import checkpoint
@@ -60,6 +61,9 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (it needs compute capability 8.0 or later); "
                           "use trainer.precision=fp32 or auto")
     trainer = replace(trainer, compile=compiles(trainer.compile, device))  # recorded in config.yaml as decided
+    trainer = replace(trainer, cross_entropy="chunked" if trainer.cross_entropy == "auto" else trainer.cross_entropy)
+    if problem := why_unavailable(trainer.cross_entropy, device):
+        raise ConfigError(problem)
     trainer = replace(trainer, global_batch=batch_plan(cfg).global_batch)  # in sequences, where it was given in tokens
     return replace(cfg, trainer=trainer)
 
@@ -70,7 +74,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, max_token_id: int) -> LM:
         model_cfg = replace(model_cfg, vocab_size=vocab_size)
     elif max_token_id >= model_cfg.vocab_size:
         raise ConfigError(f"the corpus has token ids up to {max_token_id} but model.vocab_size={model_cfg.vocab_size}; set model.vocab_size=null to take the tokenizer's {vocab_size}")
-    return LM(model_cfg, cfg.attention)
+    return LM(model_cfg, cfg.attention, cfg.trainer.cross_entropy)
 
 
 @torch.no_grad()
