@@ -69,14 +69,15 @@ def test_chunks_of_any_size_sum_to_the_same_loss_and_gradients():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_chunked_compiles_to_one_graph_equal_to_eager(device):
-    """Inductor, fullgraph=True (a graph break is an error), forward and backward through the autograd function,
-    in fp32 and under bf16 autocast (read inside the traced forward)."""
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_compiles_to_one_graph_equal_to_eager(form, device):
+    """Inductor, fullgraph=True (a graph break is an error: the trainer compiles the model so), forward and
+    backward, in fp32 and under bf16 autocast (which the chunked forward reads inside the traced function)."""
     torch._dynamo.reset()
     hidden, weight, targets = head(device=device)
-    compiled = torch.compile(lambda h, w, t: chunked(h, w, t, size=1024), fullgraph=True)
+    compiled = torch.compile(CROSS_ENTROPY[form], fullgraph=True)
     for bf16, tolerance in ((False, dict(rtol=1e-5, atol=1e-7)), (True, dict(rtol=1e-2, atol=1e-4))):
-        for got, want in zip(loss_and_grads(compiled, hidden, weight, targets, bf16), loss_and_grads(chunked, hidden, weight, targets, bf16)):
+        for got, want in zip(loss_and_grads(compiled, hidden, weight, targets, bf16), loss_and_grads(CROSS_ENTROPY[form], hidden, weight, targets, bf16)):
             assert got.dtype == want.dtype
             torch.testing.assert_close(got, want, **tolerance)
 

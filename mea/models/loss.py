@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from torch import nn
 
 # The weight's gradient is summed over chunks, a matmul over each chunk's tokens that reads and writes the whole
 # V×C sum: under 1,024 tokens that traffic outweighs the matmul (on a CPU at 125m's head, 64-token chunks made a
-# step of the head 1.33× slower than the full logits, 1,024-token ones 0.98×; BENCHMARKS.md).
+# step of the head 1.32× slower than the whole logits, 1,024-token ones 0.98×; BENCHMARKS.md).
 MIN_CHUNK_TOKENS = 1024
+DEFAULT = "chunked"  # what trainer.cross_entropy=auto means: it keeps no logits and costs nothing on a CPU (BENCHMARKS.md)
 EXTRAS = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}  # form: (import name, package)
 
 
@@ -55,9 +57,18 @@ def full(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(F.linear(hidden, weight).float(), targets)
 
 
-def chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, size: int):
-    """Per chunk of size tokens: (its rows, its hidden states and W in the matmul dtype, its loss summed, its
-    float logits and their logsumexp, its targets)."""
+class Chunk(NamedTuple):
+    rows: slice
+    hidden: torch.Tensor  # its tokens' hidden states, in the matmul dtype
+    weight: torch.Tensor  # W, in the matmul dtype
+    targets: torch.Tensor  # (tokens, 1)
+    logits: torch.Tensor  # float
+    lse: torch.Tensor  # logsumexp of each token's logits, (tokens, 1)
+    loss: torch.Tensor  # summed over its tokens
+
+
+def chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, size: int):
+    """The tokens size at a time, each chunk with its logits and loss."""
     dtype = compute_dtype(hidden)
     w = weight.to(dtype)
     for start in range(0, len(hidden), size):
@@ -65,7 +76,7 @@ def chunk_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         h, t = hidden[rows].to(dtype), targets[rows, None]
         logits = (h @ w.T).float()
         lse = logits.logsumexp(-1, keepdim=True)
-        yield rows, h, w, (lse - logits.gather(1, t)).sum(), logits, lse, t
+        yield Chunk(rows, h, w, t, logits, lse, (lse - logits.gather(1, t)).sum())
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -74,14 +85,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)  # both summed over tokens, not yet divided by their count
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed over chunks in float
-        for rows, h, w, loss, logits, lse, t in chunk_losses(hidden, weight, targets, size):
-            total = total + loss
-            grad_logits = logits.sub_(lse).exp_().scatter_add_(1, t, torch.full(t.shape, -1.0, device=t.device)).to(h.dtype)  # softmax − onehot, in place
-            grad_hidden[rows] = grad_logits @ w
-            if grad_weight.dtype == h.dtype:
-                grad_weight.addmm_(grad_logits.T, h)  # accumulated inside the matmul
+        for c in chunks(hidden, weight, targets, size):
+            total = total + c.loss
+            minus_one = torch.full(c.targets.shape, -1.0, device=c.targets.device)
+            grad_logits = c.logits.sub_(c.lse).exp_().scatter_add_(1, c.targets, minus_one).to(c.hidden.dtype)  # softmax − onehot, in place
+            grad_hidden[c.rows] = grad_logits @ c.weight
+            if grad_weight.dtype == c.hidden.dtype:
+                grad_weight.addmm_(grad_logits.T, c.hidden)  # accumulated inside the matmul
             else:
-                grad_weight += grad_logits.T @ h
+                grad_weight += grad_logits.T @ c.hidden
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.tokens = len(hidden)
         return total / len(hidden)
@@ -97,7 +109,7 @@ def chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, s
     size = size or chunk_tokens(len(hidden), hidden.shape[1], len(weight))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, size)
-    return sum(loss for _, _, _, loss, *_ in chunk_losses(hidden, weight, targets, size)) / len(hidden)  # evaluation: no gradient to make
+    return sum(c.loss for c in chunks(hidden, weight, targets, size)) / len(hidden)  # evaluation: no gradient to make
 
 
 def liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,7 +135,7 @@ class LMHead(nn.Linear):
     The loss is taken here, inside the head's own forward, so that a sharder that gathers a module's weights when
     it is called (ZeRO-3) has W whole for it."""
 
-    def __init__(self, dim: int, vocab_size: int, cross_entropy: str = "chunked"):
+    def __init__(self, dim: int, vocab_size: int, cross_entropy: str = DEFAULT):
         super().__init__(dim, vocab_size, bias=False)
         if cross_entropy not in CROSS_ENTROPY:
             raise ValueError(f"cross_entropy={cross_entropy!r} is not known; choose one of: {', '.join(CROSS_ENTROPY)}")

@@ -15,7 +15,7 @@ from torch import nn
 from .attention import AttentionConfig, HeadShape, KVCache, Rotary, build_attention, variant_class
 from .attention.base import HeadNorm
 from .init import InitConfig, resolve_init
-from .loss import LMHead
+from .loss import DEFAULT, LMHead
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Block(nn.Module):
 class LM(nn.Module):
     """cross_entropy: how the loss is computed (mea.models.loss), which changes its cost, not its value."""
 
-    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, cross_entropy: str = "chunked"):
+    def __init__(self, cfg: ModelConfig, attention: AttentionConfig, cross_entropy: str = DEFAULT):
         super().__init__()
         check_shape(cfg, variant_class(attention.name).any_kv_heads)
         if not cfg.vocab_size:

@@ -24,7 +24,7 @@ from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, PreparedCorpus, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
 from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
-from mea.models.loss import why_unavailable
+from mea.models import loss as loss_forms
 from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments, copy_synced, identity_of
 
 from . import checkpoint
@@ -61,8 +61,8 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 arithmetic (it needs compute capability 8.0 or later); "
                           "use trainer.precision=fp32 or auto")
     trainer = replace(trainer, compile=compiles(trainer.compile, device))  # recorded in config.yaml as decided
-    trainer = replace(trainer, cross_entropy="chunked" if trainer.cross_entropy == "auto" else trainer.cross_entropy)
-    if problem := why_unavailable(trainer.cross_entropy, device):
+    trainer = replace(trainer, cross_entropy=loss_forms.DEFAULT if trainer.cross_entropy == "auto" else trainer.cross_entropy)
+    if problem := loss_forms.why_unavailable(trainer.cross_entropy, device):
         raise ConfigError(problem)
     trainer = replace(trainer, global_batch=batch_plan(cfg).global_batch)  # in sequences, where it was given in tokens
     return replace(cfg, trainer=trainer)
