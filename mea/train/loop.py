@@ -23,8 +23,8 @@ from mea.config import ConfigError, TrainConfig, batch_plan, validate
 from mea.cpu_heap import keep_freed_memory
 from mea.data import Batches, PreparedCorpus, TokenWindows, prepare, validation_batches
 from mea.models import LM, ModelConfig, variant_class
-from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
 from mea.models import loss as loss_forms
+from mea.models.dynamics import DYNAMICS_SEQUENCES, measure
 from mea.run_directory import RunDirectory, RunDirectoryError, check_amendments, copy_synced, identity_of
 
 from . import checkpoint
