@@ -31,9 +31,10 @@ test: $(BIN)/.installed
 
 # A GPU node's check (mea/tools/gpu_check.py): the CUDA suite, the benchmarks and every variant under every engine, in
 # one table written to runs/gpu-check/. It runs with what is installed, the venv where there is one, and names what is
-# missing (a bare GPU image) or says there is no GPU, in one line.
+# missing (a bare GPU image) or says there is no GPU, in one line. GPU_CHECK_ARGS="--budget 480": what fits 8 minutes.
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m mea.tools.gpu_check
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m mea.tools.gpu_check $(GPU_CHECK_ARGS)
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/train_step.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,24 @@ def start(device: torch.device, through_deepspeed: bool = False) -> tuple[int, i
 
 
 def stop() -> None:
-    if dist.is_initialized():
+    """End the process group, after every rank's collectives are done and with the groups DeepSpeed keeps.
+
+    Why the barrier: gloo's worker thread drops its last reference to a finished collective after the caller has
+    moved on, and where that collective's tensors belong to Python objects, the drop takes the GIL. At interpreter
+    shutdown Python ends such a thread instead, and the process aborts ("terminate called without an active
+    exception": tests/engine_probe.py, 2 of 20 runs under load, the core showing AsyncAllgatherWork's destructor in
+    ProcessGroupGloo::runLoop reaching pybind11's GIL; PyTorch pull request 179291 describes the same). The
+    barrier, which holds no tensors, is a round trip to every rank after the last collective, by which the drop
+    is done. Its threads stay alive while a DeepSpeed engine holds the group, so destroying alone does not end
+    them. Through DeepSpeed's comm where DeepSpeed started the group: it also releases DeepSpeed's copy of the
+    world group."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
-"""`make gpu-check` where it can run here: its refusals in one line, its CUDA-suite report, and its trainer table
-over a CPU-sized multirun (the GPU's sizes are its own; the next GPU session runs it whole)."""
+"""`make gpu-check` where it can run here: its refusals in one line, its CUDA-suite report, its trainer table
+over a CPU-sized multirun (the GPU's sizes are its own; the next GPU session runs it whole), and a budget's end:
+a step interrupted so that it reports what it did, and what it did not reach named."""
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mea.studies.plan import Rates
-from mea.tools.gpu_check import cuda_suite, trainer_table
+from mea.tools.gpu_check import Report, cuda_suite, timed, trainer_table
 
 from .conftest import QUICK, ROOT, run_cli
 
@@ -40,11 +41,15 @@ def test_the_cuda_suite_report_names_every_cuda_test(tmp_path):
         assert {(result, detail) for _, result, detail in checks} == {("skip", "needs a CUDA GPU"), ("skip", "needs two GPUs")}
 
 
+CPU_TRAINER_RUN = (*QUICK, "trainer.max_steps=10", "trainer.eval_every=10", "trainer.dynamics=false")
+
+
 def test_the_trainer_table_has_a_row_for_every_variant_and_engine(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    checks, rows, throughput, _ = trainer_table(tmp_path, overrides=(*QUICK, "trainer.max_steps=10", "trainer.eval_every=10", "trainer.dynamics=false"),
-                                    variants=("mea",), engines=("none", "zero2"))
+    checks, rows, throughput, _ = trainer_table(tmp_path, overrides=CPU_TRAINER_RUN, variants=("mea",), engines=("none", "zero2"))
     assert [(name, result) for name, result, _ in checks] == [("trainer mea · none", "pass"), ("trainer mea · zero2", "pass")]
+    task = (tmp_path / "trainer" / "multirun.yaml").read_text()  # Hydra's sweep is the product of its overrides in order, the last fastest:
+    assert task.index("- deepspeed=none,zero2") < task.index("- attention=mea")  # every variant under an engine before the next one
     assert all(re.fullmatch(r"[\d,]+ tokens/s, MFU nan, nan GiB", detail) for _, _, detail in checks)
     assert rows[0] == "| variant | engine | tokens/s | MFU | peak GiB | final loss |" and len(rows) == 2 + 2
     assert os.path.isfile(tmp_path / "trainer" / "attention=mea,deepspeed=zero2" / "summary.json")
@@ -53,3 +58,45 @@ def test_the_trainer_table_has_a_row_for_every_variant_and_engine(tmp_path, monk
                                                                                                        ("mea", "zero2", 64, 1, summary["flops_per_token"])]
     (tmp_path / "table.json").write_text(json.dumps({"card": "cpu", "rows": throughput}))  # what main writes beside the table: the rate --plan costs at
     assert Rates.from_table(tmp_path / "table.json").flops_per_s("mea") == throughput[0]["tokens_per_s"] * summary["flops_per_token"]
+
+
+def test_a_budget_that_ends_before_the_trainer_runs_do_names_each_as_not_finished(tmp_path, monkeypatch):
+    """Each run a skip that says so, not a failure: what did not fit the budget says nothing of the code."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    checks, rows, throughput, seconds = trainer_table(tmp_path, overrides=CPU_TRAINER_RUN, variants=("mea", "mha"), engines=("none", "zero1"), budget=2)
+    assert [(name, result, detail) for name, result, detail in checks] == [(f"trainer {v} · {e}", "skip", "stopped after 2 s")
+                                                                          for v in ("mea", "mha") for e in ("none", "zero1")]
+    assert len(rows) == 2 and throughput == [] and seconds < 2 + 30
+
+
+def test_a_step_past_its_time_is_interrupted_and_reports_what_it_did():
+    """SIGINT first: a step that handles it (pytest, a trainer) says what it did; one that does not is killed
+    after the grace."""
+    says = "import signal, sys, time\nprint('round 1 done', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('interrupted')\n    sys.exit(1)"
+    proc, seconds = timed([sys.executable, "-c", says], timeout=3, grace=20)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (124, "round 1 done\ninterrupted\n", "stopped after 3 s") and seconds < 20
+    deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
+    proc, seconds = timed([sys.executable, "-c", deaf], timeout=1, grace=1)
+    assert proc.returncode == 124 and proc.stderr == "stopped after 1 s" and seconds < 10
+
+
+def test_a_cuda_suite_stopped_by_the_budget_is_a_skip_that_says_what_did_not_run(tmp_path):
+    checks, _ = cuda_suite(tmp_path, budget=2)  # pytest alone takes longer than 2 s to collect the suite
+    assert checks[-1] == ("CUDA suite", "skip", "stopped after 2 s: the tests not listed above did not run")
+
+
+def test_the_report_is_written_whole_after_each_step(tmp_path):
+    report = Report(tmp_path / "card.md", "cpu", budget=600)
+    assert 590 < report.left() <= 600
+    report.checks += [("CUDA suite", "skip", "stopped after 2 s: the tests not listed above did not run"), ("bench/decode.py --device cuda", "pass", "9 s")]
+    report.times.append("CUDA suite 2 s")
+    report.write()
+    text = (tmp_path / "card.md").read_text()
+    assert "2 checks: 1 pass, 0 fail, 1 skipped, in " in text and "(CUDA suite 2 s, budget 600 s)" in text and "| bench/decode.py --device cuda | pass | 9 s |" in text
+    assert json.loads((tmp_path / "card.json").read_text())["rows"] == [] and not report.failed
+    assert Report(tmp_path / "other.md", "cpu", budget=None).left() is None
+
+
+def test_a_budget_too_short_for_any_step_is_refused_before_anything_runs():
+    proc = run_cli("-m", "mea.tools.gpu_check", "--budget", "5")
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--budget 5 is too short for any step of the check; give it at least 20 s (or leave it out)")
