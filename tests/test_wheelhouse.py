@@ -43,7 +43,8 @@ def test_a_python_mea_does_not_run_on_or_a_missing_have_file_is_refused_in_one_l
 
 def test_wheels_are_fetched_for_the_node_and_a_source_only_package_is_built_pure(tmp_path):
     """hydra-core's requirement antlr4-python3-runtime 4.9.3 is published as source alone: built here, it must be
-    a pure-Python wheel; pydantic-core is a compiled wheel, fetched for the node's CPython 3.12."""
+    a pure-Python wheel; pydantic-core is a compiled wheel, fetched for the node's CPython 3.12. Run again into the
+    same folder, it finds the wheels there."""
     probe = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--retries", "0", "--timeout", "15", "-d", str(tmp_path / "probe"), "hjson==3.1.0"],
                            capture_output=True, text=True, timeout=120)
     if probe.returncode != 0:
@@ -59,3 +60,5 @@ def test_wheels_are_fetched_for_the_node_and_a_source_only_package_is_built_pure
     assert proc.stdout.splitlines()[-1].startswith("2 wheels, ") and "pip install --no-index --no-deps --target /tmp/site" in proc.stdout
     with zipfile.ZipFile(out / wheels[0]) as wheel:
         assert "antlr4/__init__.py" in wheel.namelist()
+    again = run_cli("-m", "mea.tools.wheelhouse", "--python", "3.12", "--extras", "", "--have", str(have), "--out", str(out), timeout=600)
+    assert again.returncode == 0 and again.stdout == proc.stdout and sorted(p.name for p in out.iterdir()) == wheels  # a second run into the same folder

@@ -63,9 +63,11 @@ def refusal() -> str | None:
     return None
 
 
-def timed(command: list[str], timeout: float, grace: float = GRACE_S) -> tuple[subprocess.CompletedProcess, float]:
-    """Run command from the repository's root; past timeout it gets SIGINT, so that it can say what it did, and
-    past the grace after that it is killed. Its exit status is then 124, and its stderr ends with the time."""
+def timed(command: list[str], timeout: float | None, grace: float = GRACE_S) -> tuple[subprocess.CompletedProcess, float]:
+    """Run command from the repository's root; past timeout (what is left of --budget; None: a step's own limit)
+    it gets SIGINT, so that it can say what it did, and past the grace after that it is killed. Its exit status is
+    then 124, and its stderr ends with the time."""
+    timeout = STEP_TIMEOUT_S if timeout is None else timeout
     start = time.perf_counter()
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
@@ -93,7 +95,7 @@ def cuda_suite(folder: Path, budget: float | None = None) -> tuple[list[tuple[st
     report = folder / "cuda-suite.xml"
     workers = min(8, os.cpu_count() or 1)
     proc, seconds = timed([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "-n", str(workers), "--dist", "loadgroup",
-                           f"--junitxml={report}"], timeout=STEP_TIMEOUT_S if budget is None else budget)
+                           f"--junitxml={report}"], timeout=budget)
     checks = []
     for case in ET.parse(report).iter("testcase") if report.is_file() else ():  # no report: stopped before pytest wrote one, or it failed to start
         outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
@@ -116,8 +118,7 @@ def trainer_table(folder: Path, overrides=TRAINER_RUN, variants=VARIANTS, engine
     fixed = ",".join(o.split("=")[0] for o in overrides)  # each run's folder is named by its variant and engine alone
     steps = int(next(o for o in overrides if o.startswith("trainer.max_steps=")).split("=")[1])
     proc, seconds = timed([sys.executable, "train.py", "-m", *overrides, f"deepspeed={','.join(engines)}", f"attention={','.join(variants)}", f"hydra.sweep.dir={sweep}",
-                           "hydra.sweep.subdir=${hydra.job.override_dirname}", f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]"],
-                          timeout=STEP_TIMEOUT_S if budget is None else budget)
+                           "hydra.sweep.subdir=${hydra.job.override_dirname}", f"hydra.job.config.override_dirname.exclude_keys=[{fixed}]"], timeout=budget)
     checks, rows, throughput = [], ["| variant | engine | tokens/s | MFU | peak GiB | final loss |", "|---|---|---:|---:|---:|---:|"], []
     for variant in variants:
         for engine in engines:
@@ -147,9 +148,10 @@ class Report:
         import torch
 
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "unknown"
-        self.out, self.card, self.budget, self.today = out, card, budget, datetime.date.today().isoformat()
-        self.title = f"# gpu-check: {card} · torch {torch.__version__} (CUDA {torch.version.cuda}) · {self.today} · commit {commit}"
-        self.data = {"card": card, "date": self.today, "commit": commit, "torch": torch.__version__, "rows": []}
+        today = datetime.date.today().isoformat()
+        self.out, self.budget = out, budget
+        self.title = f"# gpu-check: {card} · torch {torch.__version__} (CUDA {torch.version.cuda}) · {today} · commit {commit}"
+        self.data = {"card": card, "date": today, "commit": commit, "torch": torch.__version__, "rows": []}
         self.started = time.perf_counter()
         self.checks, self.times, self.trainer_rows, self.quoted = [], [], [], []
 
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     report = Report(out, card, args.budget)
 
     def not_reached(name: str) -> bool:
-        if report.left() is None or report.left() >= MIN_STEP_S:
+        left = report.left()
+        if left is None or left >= MIN_STEP_S:
             return False
         report.checks.append((name, "skip", f"not reached: the budget of {args.budget:.0f} s was spent"))
         report.write()
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         if not_reached(name):
             continue
         budget = report.left()
-        proc, seconds = timed([sys.executable, *bench], timeout=STEP_TIMEOUT_S if budget is None else budget)
+        proc, seconds = timed([sys.executable, *bench], timeout=budget)
         report.checks.append((name, step_result(proc, budget), f"{seconds:.0f} s" if proc.returncode == 0 else proc.stderr.strip()[-160:]))
         report.quoted.append(f"`python {name}`\n```\n{(proc.stdout if proc.returncode == 0 else proc.stderr[-3000:]).rstrip()}\n```")
         report.write()

@@ -30,7 +30,7 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
 NODE_PROVIDES = ("torch", "triton")  # the node's CUDA build of torch, with the Triton it was built with
@@ -99,8 +99,8 @@ def wanted(needs: dict[str, tuple[Version, list[Requirement]]], has: dict[str, V
 
 
 def fetch(name: str, version: Version, python: str, out: Path) -> Path:
-    """One wheel into out: the published one for the node, else one built here from source (pure Python only)."""
-    before = set(out.glob("*.whl"))
+    """One wheel into out: the published one for the node, else one built here from source (pure Python only).
+    A wheel already there from an earlier run is kept (pip download skips it)."""
     pinned = f"{name}=={version}"
     download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
                 *(f"--platform={p}" for p in PLATFORMS), "-d", str(out), pinned]
@@ -115,7 +115,7 @@ def fetch(name: str, version: Version, python: str, out: Path) -> Path:
                 sys.exit(f"mea-wheelhouse: {pinned} is published as source only and built here into {built[0].name}, which holds compiled code "
                          f"for this machine; build it on the node's Python ({python}) instead")
             built[0].rename(out / built[0].name)
-    (wheel,) = set(out.glob("*.whl")) - before
+    (wheel,) = [path for path in out.glob("*.whl") if parse_wheel_filename(path.name)[:2] == (name, version)]
     return wheel
 
 
