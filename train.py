@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from mea import distributed
 from mea.config import ConfigError, register_configs
 from mea.data import DataError
 
@@ -40,4 +41,5 @@ def main(cfg: DictConfig) -> None:
         os._exit(128 + StopFlag.received)
 
 if __name__ == "__main__":
-    main()
+    main()  # an error exits here; past it every run of the process finished or saved (a multirun's runs share the group)
+    distributed.stop()

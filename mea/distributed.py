@@ -53,9 +53,12 @@ def stop() -> None:
     exception": tests/engine_probe.py, 2 of 20 runs under load, the core showing AsyncAllgatherWork's destructor in
     ProcessGroupGloo::runLoop reaching pybind11's GIL; PyTorch pull request 179291 describes the same). The
     barrier, which holds no tensors, is a round trip to every rank after the last collective, by which the drop
-    is done. Its threads stay alive while a DeepSpeed engine holds the group, so destroying alone does not end
-    them. Through DeepSpeed's comm where DeepSpeed started the group: it also releases DeepSpeed's copy of the
-    world group."""
+    is done. Destroying alone does not end the threads: the world group's two outlive it even with every engine
+    closed (a reference held where Python's collector cannot see). Through DeepSpeed's comm where DeepSpeed
+    started the group: it also releases DeepSpeed's copy of the world group.
+
+    train.py calls it once its process's runs are done; NCCL asks for it at a normal exit, so that no rank leaves
+    while another still waits on it."""
     if not dist.is_initialized():
         return
     dist.barrier()

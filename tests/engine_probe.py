@@ -61,10 +61,10 @@ def bf16_curves(steps: int = 20) -> dict:
     out = {}
     for variant in ("mea", "tha"):
         for stage in (None, 0, 1, 2, 3):
-            engine = engine_for(config(variant, stage, "bf16", steps))
-            losses = [step(engine, batch(i % 4), stage is not None)[0] for i in range(steps)]  # four batches again and again: a curve that falls
-            module = engine.engine.module if stage is not None else engine.model
-            dtypes = sorted({str(getattr(p, "ds_tensor", p).dtype) for p in module.parameters()})
+            with engine_for(config(variant, stage, "bf16", steps)) as engine:
+                losses = [step(engine, batch(i % 4), stage is not None)[0] for i in range(steps)]  # four batches again and again: a curve that falls
+                module = engine.engine.module if stage is not None else engine.model
+                dtypes = sorted({str(getattr(p, "ds_tensor", p).dtype) for p in module.parameters()})
             out[f"{variant}/{'plain' if stage is None else stage}"] = {"losses": losses, "dtypes": dtypes}
     return out
 
@@ -96,16 +96,16 @@ def non_finite_steps() -> dict:
     out = {}
     for stage in (0, 1, 2, 3):
         for where in ("first", "last"):
-            engine = engine_for(config("mea", stage, "fp32", 10), poisoned=True)
-            step(engine, batch(0), True)
-            before = snapshot(engine)
-            x = batch(1)
-            share = BATCH // distributed.world_size()
-            x[share + (0 if where == "first" else share - MICRO), 3] = POISON  # rank 1's first or last micro-batch
-            loss, grad_norm = step(engine, x, True)
-            after = snapshot(engine)
-            next_loss, _ = step(engine, batch(2), True)
-            trained = snapshot(engine)
+            with engine_for(config("mea", stage, "fp32", 10), poisoned=True) as engine:
+                step(engine, batch(0), True)
+                before = snapshot(engine)
+                x = batch(1)
+                share = BATCH // distributed.world_size()
+                x[share + (0 if where == "first" else share - MICRO), 3] = POISON  # rank 1's first or last micro-batch
+                loss, grad_norm = step(engine, x, True)
+                after = snapshot(engine)
+                next_loss, _ = step(engine, batch(2), True)
+                trained = snapshot(engine)
             out[f"{stage}/{where}"] = {
                 "loss": loss, "grad_norm": grad_norm, "weights_kept": same(before["weights"], after["weights"]),
                 "optimizer_kept": same(before["optimizer"], after["optimizer"]), "schedule": [before["schedule"], after["schedule"], trained["schedule"]],

@@ -2,7 +2,8 @@
 
 The loop sees one interface, `Engine`: `train_step(x, y)` runs the micro-batches of one optimizer step and
 returns the loss and the gradient norm; `save(folder)` and `load(folder)` write and read the full training
-state. DeepSpeed's JSON config is generated here from the Hydra config, so there is one source of truth.
+state; leaving `with engine:` releases what the engine holds, so that the next run of a multirun in the same
+process starts with the memory this one had. DeepSpeed's JSON config is generated here from the Hydra config, so there is one source of truth.
 """
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ class Engine:
     def full_parameters(self):
         """A context in which self.model's parameters hold their full values (ZeRO-3 gathers its partitions)."""
         return nullcontext()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what outlives the last reference to the engine; the plain engine holds nothing such."""
 
 
 class PlainEngine(Engine):
@@ -173,6 +183,14 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise ConfigError(f"{folder} holds no DeepSpeed checkpoint; it was written without DeepSpeed — resume with the same deepspeed setting")
 
+    def close(self) -> None:
+        """DeepSpeed's own release. Its gradient hooks hold the optimizer, which holds the model, in a cycle through
+        autograd's C++ nodes that Python's collector cannot see: without it every run of a multirun left its model,
+        gradients and optimizer state in the process (tests/test_trainer.py), on a GPU its memory too."""
+        self.engine.destroy()
+        if self.cfg.deepspeed.stage == 3:
+            release_zero3_references(self.engine.module)
+
     def full_parameters(self):
         if self.cfg.deepspeed.stage != 3:
             return nullcontext()
@@ -185,6 +203,20 @@ class DeepSpeedEngine(Engine):
         if self.cfg.deepspeed.stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict()
         return self.engine.module.state_dict()
+
+
+def release_zero3_references(module: nn.Module) -> None:
+    """What DeepSpeed's (0.19) destroy() leaves behind at stage 3, each holding the model from a module's globals:
+    the top module it pushes on its forward stack when the engine is built and never pops, and a method's
+    lru_cache whose keys are the engine's parameter coordinator and the model's submodules."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if m is not module]
+    method = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release  # private, inside an NVTX wrapper
+    for cell in method.__closure__ or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 def weights_only_checkpoint_engine(engine):

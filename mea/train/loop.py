@@ -196,36 +196,37 @@ def train(cfg: TrainConfig, run_dir: RunDirectory, device: torch.device, micro: 
     resume_point = checkpoint.compatible_resume_point(run_dir, cfg, rank)  # before any compute
     corpus = prepare_once(cfg, rank)
     cfg, engine = build(cfg, corpus, device, micro, world_size, resume_point)
-    checkpointer = Checkpointer(engine, run_dir, cfg)
-    state = checkpointer.load(resume_point)
-    train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), trainer.global_batch, seed=trainer.seed, rank=rank, world_size=world_size)
-    val_windows = TokenWindows(corpus.shards("val"), cfg.data.seq_len)
-    counts, flops_per_token = engine.model.parameter_counts(), engine.model.flops_per_token(cfg.data.seq_len)  # from the config: ZeRO-3's partitions hold nothing to count
-    summaries = RunSummary(cfg, run_dir, corpus, counts, flops_per_token, world_size, len(train_batches.windows), device)
-    metrics = start_record(cfg, run_dir, corpus, state, rank, resume_point, f"{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding), "
-                           f"{flops_per_token:,.0f} FLOPs a token · {describe(engine)} · {world_size} process(es) on {device}")
-    step_metrics = StepMetrics(trainer.global_batch * cfg.data.seq_len, flops_per_token, world_size, device, trainer.peak_tflops, state.step)
-    stop = StopFlag()
-    for step in tqdm(range(state.step, trainer.max_steps), initial=state.step, total=trainer.max_steps, desc=run_name(cfg), disable=rank != 0, dynamic_ncols=True):
-        lr = engine.lr
-        loss, grad_norm = engine.train_step(*train_batches(step))
-        state.record(loss)
-        if state.bad_in_a_row >= trainer.max_bad_steps:
-            raise diverged(summaries, state, checkpointer, metrics, rank)
-        evaluating = state.step % trainer.eval_every == 0 or state.step == trainer.max_steps
-        if state.step % trainer.log_every == 0 or evaluating:  # an eval step writes a row even off the log grid
-            row, state.window_losses = step_metrics.row(state.step, state.window_losses, lr, grad_norm, state.bad_steps_total), []
-            if evaluating:
-                state.val_loss = row["val_loss"] = evaluate(engine, val_windows, trainer.eval_batches * trainer.global_batch, micro, rank, world_size)
-                row |= dynamics(engine, val_windows) if trainer.dynamics else {}
-            metrics.log(row)
-            step_metrics.logged(row)
-        stopping = stop.agreed()
-        if checkpointer.due(state.step, stopping):
-            checkpointer.save(state)
-        if stopping:
-            return stopped(summaries.of("stopped", state, step_metrics.last_loss, checkpointer.latest()), metrics, rank)
-    return finished(summaries, state, step_metrics.last_loss, checkpointer.latest(), metrics, rank)
+    with engine:  # released when the run ends, however it ends: the next run of a multirun has its memory
+        checkpointer = Checkpointer(engine, run_dir, cfg)
+        state = checkpointer.load(resume_point)
+        train_batches = Batches(TokenWindows(corpus.shards("train"), cfg.data.seq_len), trainer.global_batch, seed=trainer.seed, rank=rank, world_size=world_size)
+        val_windows = TokenWindows(corpus.shards("val"), cfg.data.seq_len)
+        counts, flops_per_token = engine.model.parameter_counts(), engine.model.flops_per_token(cfg.data.seq_len)  # from the config: ZeRO-3's partitions hold nothing to count
+        summaries = RunSummary(cfg, run_dir, corpus, counts, flops_per_token, world_size, len(train_batches.windows), device)
+        metrics = start_record(cfg, run_dir, corpus, state, rank, resume_point, f"{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding), "
+                               f"{flops_per_token:,.0f} FLOPs a token · {describe(engine)} · {world_size} process(es) on {device}")
+        step_metrics = StepMetrics(trainer.global_batch * cfg.data.seq_len, flops_per_token, world_size, device, trainer.peak_tflops, state.step)
+        stop = StopFlag()
+        for step in tqdm(range(state.step, trainer.max_steps), initial=state.step, total=trainer.max_steps, desc=run_name(cfg), disable=rank != 0, dynamic_ncols=True):
+            lr = engine.lr
+            loss, grad_norm = engine.train_step(*train_batches(step))
+            state.record(loss)
+            if state.bad_in_a_row >= trainer.max_bad_steps:
+                raise diverged(summaries, state, checkpointer, metrics, rank)
+            evaluating = state.step % trainer.eval_every == 0 or state.step == trainer.max_steps
+            if state.step % trainer.log_every == 0 or evaluating:  # an eval step writes a row even off the log grid
+                row, state.window_losses = step_metrics.row(state.step, state.window_losses, lr, grad_norm, state.bad_steps_total), []
+                if evaluating:
+                    state.val_loss = row["val_loss"] = evaluate(engine, val_windows, trainer.eval_batches * trainer.global_batch, micro, rank, world_size)
+                    row |= dynamics(engine, val_windows) if trainer.dynamics else {}
+                metrics.log(row)
+                step_metrics.logged(row)
+            stopping = stop.agreed()
+            if checkpointer.due(state.step, stopping):
+                checkpointer.save(state)
+            if stopping:
+                return stopped(summaries.of("stopped", state, step_metrics.last_loss, checkpointer.latest()), metrics, rank)
+        return finished(summaries, state, step_metrics.last_loss, checkpointer.latest(), metrics, rank)
 
 
 def prepare_once(cfg: TrainConfig, rank: int) -> PreparedCorpus:
