@@ -23,6 +23,7 @@ from mea.distributed import free_port
 from mea.train.engine import PlainEngine
 
 from .conftest import QUICK, ROOT, compose_config, kill_tree, run_cli, started
+from .test_attention import DEVICES
 from .wandb_log import read_run
 
 RUN = (*QUICK, "trainer.max_steps=20", "trainer.checkpoint_every=10", "trainer.peak_tflops=1")  # a peak: MFU is logged on the CPU too
@@ -60,8 +61,8 @@ def assert_curves_close(a: Path, b: Path, rel: float) -> None:
                 assert rb[key] == pytest.approx(ra[key], rel=rel * (10 if key == "grad_norm" else 1)), (key, ra, rb)
 
 
-# A multirun in one process, as Hydra's own launcher and joblib's reused workers run one: then the bytes of every tensor
-# Python can still reach.
+# A multirun in one process, as Hydra's own launcher and joblib's reused workers run one: then the tensors Python can
+# still reach, and the bytes a GPU still has allocated.
 MULTIRUN_THEN_LIVE_TENSORS = """
 import gc, json, runpy, sys
 import torch
@@ -69,20 +70,23 @@ sys.argv = ["train.py", "-m", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 gc.collect()
 storages = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), list(t.shape)) for t in gc.get_objects() if isinstance(t, torch.Tensor)}
-print(json.dumps(sorted(storages.values(), reverse=True)))
+print(json.dumps({"live": sorted(storages.values(), reverse=True), "gpu_allocated": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0}))
 """
 
 
-def test_a_multirun_leaves_nothing_of_a_run_in_its_process(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_multirun_leaves_nothing_of_a_run_in_its_process(device, tmp_path):
     """Each run of a multirun under every engine: once it ends, no tensor of its model, gradients or optimizer is
     left for the next run's memory. Before DeepSpeed's engines were released (Engine.close), the tiny model's four
-    runs left 2.1 GB here (ZeRO-3 alone a 2 GB bucket a run): on a GPU the later runs of a sweep would have run out."""
+    runs left 2.1 GB on a CPU (ZeRO-3 alone a 2 GB bucket a run): on a GPU the later runs of a sweep would have run
+    out, and each run's logged peak would have counted the runs before it."""
     proc = run_cli("-c", MULTIRUN_THEN_LIVE_TENSORS, *QUICK, "model=tiny", "trainer.max_steps=2", "trainer.eval_every=2", "deepspeed=none,zero1,zero2,zero3",
-                   f"hydra.sweep.dir={tmp_path}", env={"DS_ACCELERATOR": "cpu"})
+                   f"trainer.device={device}", "trainer.compile=false", f"hydra.sweep.dir={tmp_path}", env={"DS_ACCELERATOR": device})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(tmp_path.glob("*/summary.json"))) == 4  # every run finished
-    live = json.loads(proc.stdout.splitlines()[-1])
-    assert sum(nbytes for nbytes, _ in live) < 2**20, live[:5]  # the model alone is 7 MiB; torch may keep a small constant
+    left = json.loads(proc.stdout.splitlines()[-1])
+    assert sum(nbytes for nbytes, _ in left["live"]) < 2**20, left["live"][:5]  # the model alone is 7 MiB; torch may keep a small constant
+    assert left["gpu_allocated"] < 2**20, left["gpu_allocated"]
 
 
 def test_plain_pytorch_equals_zero0_on_one_process(single_process, tmp_path):
