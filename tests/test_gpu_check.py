@@ -4,6 +4,7 @@ a step interrupted so that it reports what it did, and what it did not reach nam
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -69,11 +70,17 @@ def test_a_budget_that_ends_before_the_trainer_runs_do_names_each_as_not_finishe
     assert len(rows) == 2 and throughput == [] and seconds < 2 + 30
 
 
-def test_a_step_past_its_time_is_interrupted_and_reports_what_it_did():
-    """SIGINT first: a step that handles it (pytest, a trainer) says what it did; one that does not is killed
-    after the grace."""
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_step_past_its_time_is_interrupted_and_reports_what_it_did(sigint):
+    """SIGINT first: a step that handles it (pytest, a trainer) says what it did, also where the check itself
+    ignores SIGINT, as a script's background job does (`make gpu-check &`); one that does not is killed after the grace."""
     says = "import signal, sys, time\nprint('round 1 done', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('interrupted')\n    sys.exit(1)"
-    proc, seconds = timed([sys.executable, "-c", says], timeout=3, grace=20)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+    try:
+        proc, seconds = timed([sys.executable, "-c", says], timeout=3, grace=20)
+        assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)  # the check's own, as it was
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (proc.returncode, proc.stdout, proc.stderr) == (124, "round 1 done\ninterrupted\n", "stopped after 3 s") and seconds < 20
     deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
     proc, seconds = timed([sys.executable, "-c", deaf], timeout=1, grace=1)
