@@ -5,6 +5,7 @@ several CPU processes (gloo), recorded as JSON for the test to check.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -114,10 +115,28 @@ def non_finite_steps() -> dict:
     return out
 
 
+def live_storages() -> list[tuple[int, list[int]]]:
+    """(bytes, shape) of every tensor storage alive in this process, largest first."""
+    gc.collect()
+    storages = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), list(t.shape)) for t in gc.get_objects() if isinstance(t, torch.Tensor)}
+    return sorted(storages.values(), reverse=True)
+
+
+def memory() -> dict:
+    """At each ZeRO stage, after a step: the bytes of every tensor this rank holds, and the model's."""
+    out = {}
+    for stage in (1, 2, 3):
+        with engine_for(config("mea", stage, "fp32", 4)) as engine:
+            step(engine, batch(0), True)
+            model_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.engine.module.parameters()) * 4
+            out[str(stage)] = {"live": live_storages()[:5], "live_bytes": sum(nbytes for nbytes, _ in live_storages()), "model_bytes": model_bytes}
+    return out
+
+
 def main(out: Path) -> None:
     distributed.start(torch.device("cpu"), through_deepspeed=True)
     torch.set_num_threads(1)
-    results = {"collectives": collectives(), "bf16": bf16_curves(), "non_finite": non_finite_steps()}
+    results = {"collectives": collectives(), "bf16": bf16_curves(), "non_finite": non_finite_steps(), "memory": memory()}
     every = distributed.gathered(results)
     if distributed.rank() == 0:
         out.write_text(json.dumps(every))

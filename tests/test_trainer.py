@@ -64,13 +64,12 @@ def assert_curves_close(a: Path, b: Path, rel: float) -> None:
 # A multirun in one process, as Hydra's own launcher and joblib's reused workers run one: then the tensors Python can
 # still reach, and the bytes a GPU still has allocated.
 MULTIRUN_THEN_LIVE_TENSORS = """
-import gc, json, runpy, sys
+import json, runpy, sys
 import torch
+from tests.engine_probe import live_storages
 sys.argv = ["train.py", "-m", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
-gc.collect()
-storages = {t.untyped_storage().data_ptr(): (t.untyped_storage().nbytes(), list(t.shape)) for t in gc.get_objects() if isinstance(t, torch.Tensor)}
-print(json.dumps({"live": sorted(storages.values(), reverse=True), "gpu_allocated": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0}))
+print(json.dumps({"live": live_storages(), "gpu_allocated": torch.cuda.memory_allocated() if torch.cuda.is_available() else 0}))
 """
 
 

@@ -23,6 +23,8 @@ from mea.models.transformer import Block
 from .errors import TrainingError
 from .optim import build_optimizer, build_scheduler
 
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in elements
+
 
 def compiles(setting, device: torch.device) -> bool:
     """trainer.compile: auto is on for a GPU and off for a CPU, where at these sizes compiling costs more than a run
@@ -97,12 +99,17 @@ class PlainEngine(Engine):
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world_size: int, n_params: int) -> dict:
     """DeepSpeed's JSON, derived from the Hydra config. The optimizer stays torch's AdamW (built by mea with
     its weight-decay groups) and is handed to DeepSpeed as a client optimizer; with the optimizer offloaded it
-    runs on the CPU copies as torch's fused CPU kernel, so that every path steps with the same AdamW."""
+    runs on the CPU copies as torch's fused CPU kernel, so that every path steps with the same AdamW.
+
+    The gradient bucket is no larger than the model (n_params elements): ZeRO-3 allocates the whole bucket up front,
+    and DeepSpeed's default of 5e8 elements is 1.9 GB in fp32, whatever the model. DeepSpeed reduces a bucket when
+    the next gradient would overflow it, and all of a model's gradients fit one of its size, so the reductions are
+    those of the default."""
     ds = cfg.deepspeed
-    zero: dict = {"stage": ds.stage}
+    zero: dict = {"stage": ds.stage, "reduce_bucket_size": min(DEEPSPEED_REDUCE_BUCKET, n_params)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
@@ -133,7 +140,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(model, cfg, device, micro_batch)
         import deepspeed
 
-        self.ds_config = deepspeed_config(cfg, micro_batch, world_size)
+        self.ds_config = deepspeed_config(cfg, micro_batch, world_size, sum(p.numel() for p in model.parameters()))
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
