@@ -128,8 +128,8 @@ def memory() -> dict:
     for stage in (1, 2, 3):
         with engine_for(config("mea", stage, "fp32", 4)) as engine:
             step(engine, batch(0), True)
-            model_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.engine.module.parameters()) * 4
-            out[str(stage)] = {"live": live_storages()[:5], "live_bytes": sum(nbytes for nbytes, _ in live_storages()), "model_bytes": model_bytes}
+            live = live_storages()
+            out[str(stage)] = {"live": live[:5], "live_bytes": sum(nbytes for nbytes, _ in live), "model_bytes": engine.model.parameter_counts()["total"] * 4}
     return out
 
 

@@ -140,7 +140,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(model, cfg, device, micro_batch)
         import deepspeed
 
-        self.ds_config = deepspeed_config(cfg, micro_batch, world_size, sum(p.numel() for p in model.parameters()))
+        self.ds_config = deepspeed_config(cfg, micro_batch, world_size, model.parameter_counts()["total"])
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.trainer.max_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
