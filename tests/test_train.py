@@ -80,3 +80,17 @@ def test_compile_auto_is_off_on_a_cpu(tmp_path):
     assert cfg.trainer.compile == "auto" and resolve(cfg, torch.device("cpu")).trainer.compile is False
     explicit = OmegaConf.to_object(compose_config(tmp_path, *QUICK, "trainer.compile=true"))
     assert resolve(explicit, torch.device("cpu")).trainer.compile is True
+
+
+def test_a_composed_config_is_its_callers_own_and_a_bad_one_fails_each_time():
+    """mea.config.compose_config composes each list of overrides once a process (a sitting plans a run at several
+    stages): what one caller changes, the next caller never sees, and a failing setting is not kept. The layers are
+    checked one of each shape: here the last layer alone has a KV-head count that paired heads cannot take."""
+    from mea.config import ConfigError, compose_config as compose_run_config
+
+    first = compose_run_config(["attention=mea", "optim.lr=0.01"])
+    first.optim.lr = 1.0
+    assert compose_run_config(["attention=mea", "optim.lr=0.01"]).optim.lr == 0.01
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="attention.pair_heads=true needs even model.n_heads and model.n_kv_heads"):
+            compose_run_config(["attention=diff", "attention.pair_heads=true", "model.kv_heads_per_layer=[4,4,2,1]"])
