@@ -7,7 +7,8 @@ import torch
 
 from mea.models import LM, REGISTRY, ModelConfig
 from mea.models.attention.diff import DiffConfig
-from mea.models.attention.mea import MEAConfig
+from mea.models.attention.base import causal_mask
+from mea.models.attention.mea import MEAConfig, attention_by_matmuls
 from mea.models.attention.mha import MHAConfig
 from mea.models.attention.tha import TalkingHeadsConfig
 
@@ -199,10 +200,31 @@ def test_cached_decoding_equals_full_forward(attention, n_kv_heads, device):
     m, x = m.to(device), tokens(T=24).to(device)
     full = m(x)
     caches = m.new_caches()
-    # a prefill past DECODE_QUERIES (mea's compressed cache: the fused kernel), a short chunk and single tokens (batched matmuls)
+    # a prefill past DECODE_QUERIES (mea's compressed cache: the fused kernel), a short chunk and single tokens (on a GPU, batched matmuls)
     steps = [m(x[:, :17], caches=caches), m(x[:, 17:20], caches=caches)] + [m(x[:, t : t + 1], caches=caches) for t in range(20, 24)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=2e-5)
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("T", [1, 3])
+def test_decoding_by_matmuls_equals_the_fused_kernel(T, dtype, tolerance, device):
+    """A GPU's absorbed decode (two batched matmuls over the cache, which a CPU never takes) against the fused
+    kernel in fp32, for one new token and a short chunk under its causal mask, over a cache read as a slice of a
+    longer buffer, as KVCache hands it out."""
+    torch.manual_seed(0)
+    B, H, S, X = 2, 4, 40, 24
+    q = torch.randn(B, H * T, X, device=device)
+    k, v = (torch.randn(B, S + 5, X, device=device)[:, :S] for _ in range(2))
+    mask = None if T == 1 else causal_mask(T, S, torch.device(device)).repeat(H, 1)
+    fused = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask, scale=X**-0.5)[:, 0]
+    by_matmuls = attention_by_matmuls(q.to(dtype), k.to(dtype), v.to(dtype), mask, X**-0.5)
+    assert by_matmuls.dtype == dtype
+    torch.testing.assert_close(by_matmuls.float(), fused, rtol=tolerance, atol=tolerance)
+    if T > 1:  # the mask is applied: the first query of the chunk differs when it may see the last keys
+        unmasked = attention_by_matmuls(q, k, v, None, X**-0.5)
+        assert not torch.allclose(unmasked[:, :1], fused[:, :1], atol=1e-3)
 
 def test_mea_composes_its_heads_from_any_number_of_stored_ones():
     """HLC maps G stored heads to H for any G <= H (3 of 8 here), in training and in the absorbed decode;

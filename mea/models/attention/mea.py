@@ -10,7 +10,7 @@ from .base import AttentionConfig, HeadNorm, HeadShape, KVCache, Rotary, causal_
 from .mha import MultiHeadAttention
 
 HLC_INITS = ("identity", "identity_noise", "random")
-DECODE_QUERIES = 16  # new tokens up to which the compressed cache is read by batched matmuls, past it by the fused kernel
+DECODE_QUERIES = 16  # new tokens up to which a GPU reads the compressed cache by batched matmuls, past it the fused kernel
 
 
 @dataclass
@@ -103,25 +103,33 @@ class ExplicitAttention(MultiHeadAttention):
 
         q_h · k_h = Σ_g (C_K[g, h] q_h) · k⁰_g   and   A_h v_h = Σ_g C_V[g, h] (A_h v⁰_g).
         The H·T queries go in as rows of that one head, so each cached token is read once for all heads
-        (GQA-style broadcasting of the shared head measured 3.4× slower on CPU). Decoding (T up to
-        DECODE_QUERIES) is bound by the cache's bytes: two batched matmuls over it, as MLA's absorbed decode
-        does, where a fused kernel takes no head this wide or runs one block per (query block, head, batch)
-        with no split of the cached length (64 blocks for 132 multiprocessors at batch 64 on an H200).
+        (GQA-style broadcasting of the shared head measured 3.4× slower on CPU). On a GPU, decoding (T up to
+        DECODE_QUERIES) reads the cache by two batched matmuls, as MLA's absorbed decode does: the fused kernels
+        take no head this wide or run one block per (query block, head, batch) with no split of the cached length
+        (64 blocks for 132 multiprocessors at batch 64 on an H200, 2.02× the full cache's step). A CPU's fused
+        kernel reads it faster than its BLAS's skinny products (bench/decode.py on the CI's Intel VM: 0.67× the
+        full cache's step against 0.86×), so a CPU keeps that kernel.
         """
         B, H, T, D = q_BHTD.shape
-        G, S = self.hlc_k.shape[0], k_B1SX.shape[2]
+        G = self.hlc_k.shape[0]
         q_BRX = (q_BHTD[:, :, :, None, :] * self.hlc_k.T[None, :, None, :, None]).reshape(B, H * T, G * D)
-        mask_RS = None if T == 1 else causal_mask(T, S, q_BHTD.device).repeat(H, 1)
-        if T <= DECODE_QUERIES:
-            # cache times queries, then a transposed view: the same product, but with the cache as the long operand
-            # (M = S); q·kᵀ (M = H·T rows) ran 1.7× slower on a 2-thread AMD EPYC's BLAS
-            logits_BRS = torch.bmm(k_B1SX[:, 0], (q_BRX * default_scale(D)).transpose(1, 2)).transpose(1, 2)
-            if mask_RS is not None:
-                logits_BRS = logits_BRS.masked_fill(~mask_RS, float("-inf"))
-            o_BRX = torch.bmm(logits_BRS.float().softmax(dim=-1).type_as(v_B1SX), v_B1SX[:, 0])
+        mask_RS = None if T == 1 else causal_mask(T, k_B1SX.shape[2], q_BHTD.device).repeat(H, 1)
+        if T <= DECODE_QUERIES and q_BHTD.is_cuda:
+            o_BRX = attention_by_matmuls(q_BRX, k_B1SX[:, 0], v_B1SX[:, 0], mask_RS, default_scale(D))
         else:
             o_BRX = F.scaled_dot_product_attention(q_BRX[:, None], k_B1SX, v_B1SX, attn_mask=mask_RS, scale=default_scale(D))[:, 0]
         return torch.einsum("bhtgd,gh->bhtd", o_BRX.view(B, H, T, G, D), self.hlc_v)
+
+
+def attention_by_matmuls(q_BRX: torch.Tensor, k_BSX: torch.Tensor, v_BSX: torch.Tensor, mask_RS: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ·scale, masked) v for R query rows over one shared head of S cached positions, as two batched
+    matmuls over the cache: bound by its bytes where a fused kernel is not (ExplicitAttention.absorbed_attention)."""
+    # cache times queries, then a transposed view: the same product with the cache as the long operand (M = S), the
+    # orientation a BLAS serves best (q·kᵀ, with the R rows as M, ran 1.7× slower on a CPU's)
+    logits_BRS = torch.bmm(k_BSX, (q_BRX * scale).transpose(1, 2)).transpose(1, 2)
+    if mask_RS is not None:
+        logits_BRS = logits_BRS.masked_fill(~mask_RS, float("-inf"))
+    return torch.bmm(logits_BRS.float().softmax(dim=-1).type_as(v_BSX), v_BSX)
 
 
 def side_by_side(x_BGTD: torch.Tensor) -> torch.Tensor:
