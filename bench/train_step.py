@@ -5,6 +5,7 @@
     python bench/train_step.py --compile both       # every variant eager and torch.compile'd, side by side in one run
     python bench/train_step.py --preset cpu-long    # the CPU preset's model at the GPU preset's T 2048, batch 1
     python bench/train_step.py --preset 125m --losses   # mha under each loss form at model=125m, vocabulary 32,768
+    python bench/train_step.py --arms mha_gn,mea --rounds 30   # those against mha alone: more rounds in the same time
 
 Every variant computes its loss as the trainer does by default (`chunked`, mea.models.loss); `mha (full CE)` keeps
 the whole logits instead, and on a GPU `mha (liger CE)` and `mha (cce CE)` run those kernels where their extras are
@@ -155,10 +156,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--batch", type=int, help="sequences a step, in place of the preset's")
     parser.add_argument("--compile", choices=list(MODES), help="torch.compile each model, or each eager and compiled side by side (default: both on a GPU, off on a CPU, where it takes minutes)")
+    parser.add_argument("--arms", help="comma-separated rows to run against mha, which always runs (default: every row); on a noisy machine a few "
+                        "arms over many rounds pin a ratio down that the whole table leaves within ±10%%")
     parser.add_argument("--losses", action="store_true", help="mha alone, under each loss form this machine runs: the LM head's cost (--preset 125m)")
     parser.add_argument("--default-heap", action="store_true", help="on a CPU, leave glibc's heap settings as they are")
     args = parser.parse_args()
     device = torch.device(args.device)
+    rows = arms(device, args.losses)
+    if args.arms:
+        chosen = {"mha", *args.arms.split(",")}
+        if unknown := sorted(chosen - set(rows)):
+            parser.error(f"--arms: no row named {', '.join(map(repr, unknown))} here; choose among: {', '.join(rows)}")
+        rows = {name: row for name, row in rows.items() if name in chosen}
     heap_kept = device.type == "cpu" and not args.default_heap and keep_freed_memory()
     p = PRESETS[args.preset or args.device] | ({"batch": args.batch} if args.batch else {})
     rounds = args.rounds or p["rounds"]
@@ -166,7 +175,7 @@ def main() -> None:
         parser.error(f"--rounds {rounds}: the ratios' quartiles need at least 2 rounds; pass --rounds 2 or more")
     modes = MODES[args.compile or ("both" if device.type == "cuda" else "off")]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    arms_ = {(name, mode): Arm(attention, loss, p, device, dtype, compiled) for mode, compiled in modes.items() for name, (attention, loss) in arms(device, args.losses).items()}
+    arms_ = {(name, mode): Arm(attention, loss, p, device, dtype, compiled) for mode, compiled in modes.items() for name, (attention, loss) in rows.items()}
     x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), generator=torch.Generator().manual_seed(0)).to(device)
     saved, dynamics_s = first_turns(arms_, x, p, device)
     times = timed_rounds(arms_, x, p, device, rounds)

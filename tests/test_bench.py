@@ -30,6 +30,14 @@ def test_train_step_bench_prints_every_variant_against_mha():
     assert "dyn pass: one dynamics pass (eval steps only)" in out
 
 
+
+def test_train_step_bench_runs_the_arms_asked_for_against_mha():
+    out = run_bench("train_step.py", "--preset", "smoke", "--arms", "mea,mha_gn")
+    assert re.findall(r"^(\S+(?: \([^)]+\))?) +4 +[\d,]+ ", out, re.M) == ["mha", "mea", "mha_gn"]  # mha, the baseline, though not asked for
+    wrong = run_cli("bench/train_step.py", "--arms", "mea,tah")
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].startswith(
+        "train_step.py: error: --arms: no row named 'tah' here; choose among: mha, diff, diff (paired heads), mea,")
+
 def test_decode_bench_halves_the_cache():
     out = run_bench("decode.py", "--preset", "smoke")
     assert re.search(r"^measured copy bandwidth: [\d.]+ GB/s$", out, re.M)
