@@ -3,8 +3,10 @@ import csv
 import json
 import math
 import re
+import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mea.scaling.effects import Bracket, difference
@@ -290,11 +292,35 @@ def test_the_held_out_law_reads_a_fit_without_its_largest_size():
 def test_target_runs_train_side_by_side_and_one_failure_stops_none_of_the_others(tmp_path):
     quick = [*QUICK, "trainer.max_steps=6", "trainer.eval_every=6"]
     runs = {tmp_path / "a": quick, tmp_path / "b": [*quick, "trainer.seed=1"], tmp_path / "bad": [*quick, "data=tinyshakespeare", f"data.source={tmp_path / 'absent.txt'}"]}
-    with pytest.raises(SweepError, match=re.escape(f"the run {tmp_path / 'bad'} failed (exit")):
-        LocalRuns(launcher=Launcher(jobs=2)).side_by_side(runs)
-    started = {name: (tmp_path / name / ".hydra" / "overrides.yaml").stat().st_mtime for name in ("a", "b")}
-    ended = {name: (tmp_path / name / "summary.json").stat().st_mtime for name in ("a", "b")}  # the failure waited for both
-    assert started["a"] < ended["b"] and started["b"] < ended["a"]  # two at once
+    # The training processes themselves, sampled while they run: two at once, never three. (Files' times could not
+    # show it: on 2 loaded cores one run's start-up outlasted the other's whole run.)
+    at_once, done = set(), threading.Event()
+
+    def sample():
+        while not done.wait(0.05):
+            at_once.add(training_processes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with pytest.raises(SweepError, match=re.escape(f"the run {tmp_path / 'bad'} failed (exit")):
+            LocalRuns(launcher=Launcher(jobs=2)).side_by_side(runs)
+    finally:
+        done.set()
+        sampler.join()
+    assert max(at_once) == 2
+    assert all((tmp_path / name / "summary.json").is_file() for name in ("a", "b"))  # the failure waited for both
+
+
+def training_processes() -> int:
+    """train.py processes this one started that are running now (one that ends while it is read is not counted)."""
+    count = 0
+    for child in psutil.Process().children():
+        try:
+            count += "train.py" in " ".join(child.cmdline())
+        except psutil.Error:
+            pass
+    return count
 
 
 def test_a_batch_given_in_tokens_sets_the_step_counts_of_the_sweep_and_the_target(tmp_path):
