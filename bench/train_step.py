@@ -29,6 +29,10 @@ eager and compiled in the same rounds: a table for each, each against its own `m
 gives each variant, again round by round. Tokens/s is the median over rounds. Imports torch and
 mea.models only, so it runs on a bare GPU machine.
 
+Stopped by SIGINT (^C, or `make gpu-check --budget` ending), it prints its tables over the rounds that had ended,
+its header saying how many, and exits 130; stopped before the first round ended, it says how many arms had their
+first turn. Each arm's first turn (on a GPU mostly its compilation) and each round go to stderr as they end.
+
 The training dynamics (mea.models.dynamics) cost nothing on a training step: they are one extra forward pass at
 eval steps, with hooks that live only for that pass. The last column gives that pass's time in training steps,
 and the step times are measured after a pass on every model, so a hook left behind would show in them.
@@ -177,12 +181,22 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     arms_ = {(name, mode): Arm(attention, loss, p, device, dtype, compiled) for mode, compiled in modes.items() for name, (attention, loss) in rows.items()}
     x = torch.randint(0, p["vocab"], (p["batch"], p["seq_len"] + 1), generator=torch.Generator().manual_seed(0)).to(device)
-    saved, dynamics_s = first_turns(arms_, x, p, device)
-    times = timed_rounds(arms_, x, p, device, rounds)
+    saved, dynamics_s, times = {}, {}, {key: [] for key in arms_}
+    try:
+        first_turns(arms_, x, p, device, saved, dynamics_s)
+        timed_rounds(arms_, x, p, device, rounds, times)
+        stopped = None
+    except KeyboardInterrupt:  # ^C, or gpu-check's budget ending: the rounds that ended are reported, not lost
+        stopped = min(map(len, times.values()))
+        if not stopped:
+            print(f"stopped before the first round ended: {len(dynamics_s)} of {len(arms_)} arms had their first turn; nothing was timed")
+            sys.exit(130)
+        times = {key: ts[:stopped] for key, ts in times.items()}
 
     peak = matmul_peak(device, dtype)
     print(f"device: {describe(device)} · torch {torch.__version__} · {dtype} · compile={'+'.join(modes)}" + (" · freed memory kept" if heap_kept else ""))
-    print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; median of {rounds} rounds × {p['steps']} steps")
+    print(f"model: {p['n_layers']} layers, width {p['dim']}, {p['n_heads']} heads, vocab {p['vocab']}, T {p['seq_len']}, batch {p['batch']}; "
+          + (f"median of {rounds} rounds" if stopped is None else f"stopped by SIGINT: median of the {stopped} of {rounds} rounds that ended") + f" × {p['steps']} steps")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     tokens_per_s = {key: [arm.batch * p["seq_len"] / t for t in times[key]] for key, arm in arms_.items()}
     for mode in modes:
@@ -198,12 +212,15 @@ def main() -> None:
     if lowered:
         print(f"batch: {', '.join(lowered)} did not fit batch {p['batch']} and ran at the batch shown (saved MiB scaled to batch {p['batch']})")
     print("dyn pass: one dynamics pass (eval steps only), in training steps of that variant; no hook stays on the model")
+    if stopped is not None:
+        sys.exit(130)
 
 
-def first_turns(arms_: dict, x: torch.Tensor, p: dict, device: torch.device) -> tuple[dict, dict]:
-    """Each arm's first turn: its batch, compilation, what it saves, and the time of one dynamics pass."""
-    saved, dynamics_s = {}, {}
+def first_turns(arms_: dict, x: torch.Tensor, p: dict, device: torch.device, saved: dict, dynamics_s: dict) -> None:
+    """Each arm's first turn: its batch, compilation, what it saves (into saved), and the time of one dynamics pass
+    (into dynamics_s). Its time goes to stderr as it ends: on a GPU, mostly the compilation."""
     for key, arm in arms_.items():
+        began = time.perf_counter()
         with arm.turn():
             arm.fit_batch(x)
             if device.type == "cpu" and not arm.compiled:  # a CPU has no allocator peak: count what the step's tensors hold
@@ -218,12 +235,11 @@ def first_turns(arms_: dict, x: torch.Tensor, p: dict, device: torch.device) -> 
                 sync(device)
             dynamics_s[key] = time.perf_counter() - start
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in arm.model.modules()), "the dynamics pass left a hook"
-    return saved, dynamics_s
+        print(f"first turn of {' · '.join(key)}: {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
 
 
-def timed_rounds(arms_: dict, x: torch.Tensor, p: dict, device: torch.device, rounds: int) -> dict[object, list[float]]:
-    """Seconds a step, per arm and round; each round starts one arm later."""
-    times: dict[object, list[float]] = {key: [] for key in arms_}
+def timed_rounds(arms_: dict, x: torch.Tensor, p: dict, device: torch.device, rounds: int, times: dict[object, list[float]]) -> None:
+    """Seconds a step, appended to times as each arm's turn ends; each round starts one arm later."""
     keys = list(arms_)
     for r in range(rounds):
         for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
@@ -236,7 +252,7 @@ def timed_rounds(arms_: dict, x: torch.Tensor, p: dict, device: torch.device, ro
                     arm.step(x)
                 sync(device)
                 times[key].append((time.perf_counter() - start) / p["steps"])
-    return times
+        print(f"round {r + 1} of {rounds} done", file=sys.stderr, flush=True)
 
 
 def table(arms_: dict, tokens_per_s: dict, saved: dict, dyn_steps: dict, p: dict, peak: float, gpu: bool) -> None:
@@ -246,7 +262,7 @@ def table(arms_: dict, tokens_per_s: dict, saved: dict, dyn_steps: dict, p: dict
     for name, arm in arms_.items():
         rate = statistics.median(tokens_per_s[name])
         ratios = [variant / mha for mha, variant in zip(tokens_per_s["mha"], tokens_per_s[name])]  # round by round
-        q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3  # one round: a run stopped early
         mfu = rate * flops_per_token(arm.model.cfg, arm.model.attention_cfg, p["seq_len"]) / peak
         mem = f" {arm.peak_gib:9.2f}" if gpu else f" {arm.step_peak_mib:9,.0f}" if arm.step_peak_mib is not None else f" {'—':>9}"
         print(f"{name:<19} {arm.batch:5d} {rate:9,.0f} {q2:7.3f} {q1:5.3f}–{q3:5.3f} {mfu:6.1%} {saved[name]:10,.0f} {saved[name] / saved['mha']:7.3f} {dyn_steps[name]:9.2f}{mem}")

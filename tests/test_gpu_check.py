@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mea.studies.plan import Rates
-from mea.tools.gpu_check import Report, cuda_suite, timed, trainer_table
+from mea.tools.gpu_check import Report, bench_step, cuda_suite, timed, trainer_table
 
 from .conftest import QUICK, ROOT, run_cli
 
@@ -85,6 +85,16 @@ def test_a_step_past_its_time_is_interrupted_and_reports_what_it_did(sigint):
     deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)"
     proc, seconds = timed([sys.executable, "-c", deaf], timeout=1, grace=1)
     assert proc.returncode == 124 and proc.stderr == "stopped after 1 s" and seconds < 10
+
+
+def test_a_bench_stopped_by_the_budget_is_a_skip_quoted_with_what_it_printed():
+    """A bench that SIGINT stops prints the rounds that had ended (tests/test_bench.py holds bench/train_step.py to
+    that); the check quotes them, then its last words, and says in its cell that the budget stopped it."""
+    bench = ("import sys, time\nprint('mha 1.000', flush=True)\nprint('round 1 of 9 done', file=sys.stderr, flush=True)\ntry:\n    time.sleep(60)\n"
+             "except KeyboardInterrupt:\n    print('stopped by SIGINT: median of the 1 of 9 rounds that ended')\n    sys.exit(130)")
+    check, quoted = bench_step(["-c", bench], budget=3)
+    assert check == (f"-c {bench}", "skip", "stopped after 3 s")
+    assert quoted.endswith("```\nmha 1.000\nstopped by SIGINT: median of the 1 of 9 rounds that ended\nround 1 of 9 done\nstopped after 3 s\n```")
 
 
 def test_a_cuda_suite_stopped_by_the_budget_is_a_skip_that_says_what_did_not_run(tmp_path):

@@ -16,8 +16,9 @@ The table goes to stdout and to runs/gpu-check/<card>-<date>.md, which BENCHMARK
 trainer runs' throughput as data (<card>-<date>.json), which `mea-experiment SPEC --plan --throughput` costs a sitting at.
 Both are written again as each step ends, so a check stopped from outside (a lease, a job's time limit) leaves what
 it measured. With --budget, a step still running when the budget ends is interrupted (SIGINT: pytest reports the
-tests it ran, a trainer run saves) and the steps after it are listed as not reached. Where the project's
-dependencies are missing (a bare GPU image), or no GPU is visible, it says so in one line and exits 1.
+tests it ran, the training-step bench the rounds that had ended, a trainer run saves) and the steps after it are
+listed as not reached. Where the project's dependencies are missing (a bare GPU image), or no GPU is visible, it
+says so in one line and exits 1.
 Imports the standard library alone until those checks pass.
 """
 from __future__ import annotations
@@ -103,6 +104,20 @@ def step_result(proc: subprocess.CompletedProcess, budget: float | None) -> str:
     return "pass" if proc.returncode == 0 else "skip" if proc.returncode == 124 and budget is not None else "fail"
 
 
+def last_said(proc: subprocess.CompletedProcess) -> str:
+    """What a step that did not pass said last (its error, or when it was stopped), one table cell long."""
+    return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:160]
+
+
+def bench_step(command: list[str], budget: float | None = None) -> tuple[tuple[str, str, str], str]:
+    """A benchmark's check, and what it printed quoted: its tables; where it did not pass, what it printed before it
+    stopped (a training-step bench stopped at the budget's end prints the rounds that had ended) and its error."""
+    name = " ".join(command)
+    proc, seconds = timed([sys.executable, *command], timeout=budget)
+    printed = proc.stdout if proc.returncode == 0 else proc.stdout + proc.stderr[-3000:]
+    return (name, step_result(proc, budget), f"{seconds:.0f} s" if proc.returncode == 0 else last_said(proc)), f"`python {name}`\n```\n{printed.rstrip()}\n```"
+
+
 def cuda_suite(folder: Path, budget: float | None = None) -> tuple[list[tuple[str, str, str]], float]:
     """(check, result, detail) of every test `pytest -m cuda` collects, from its JUnit report (of the tests that
     ran, where the budget's end stopped the suite). budget: the seconds left of --budget; None for none."""
@@ -139,7 +154,7 @@ def trainer_table(folder: Path, overrides=TRAINER_RUN, variants=VARIANTS, engine
             metrics = sweep / f"attention={variant},deepspeed={engine}" / "metrics.jsonl"
             last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.is_file() and metrics.read_text().strip() else None
             if last is None or last["step"] != steps:  # a run that failed stops the multirun: the runs after it say why too
-                checks.append((f"trainer {variant} · {engine}", step_result(proc, budget), (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:160]))
+                checks.append((f"trainer {variant} · {engine}", step_result(proc, budget), last_said(proc)))
                 continue
             mfu = last.get("mfu", math.nan)  # NaN where mea does not know the card's peak (trainer.peak_tflops)
             memory = last.get("peak_memory_gib", math.nan)
@@ -227,13 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         report.times.append(f"CUDA suite {seconds:.0f} s")
         report.write()
     for bench in BENCHES:
-        name = " ".join(bench)
-        if not_reached(name):
+        if not_reached(" ".join(bench)):
             continue
-        budget = report.left()
-        proc, seconds = timed([sys.executable, *bench], timeout=budget)
-        report.checks.append((name, step_result(proc, budget), f"{seconds:.0f} s" if proc.returncode == 0 else proc.stderr.strip()[-160:]))
-        report.quoted.append(f"`python {name}`\n```\n{(proc.stdout if proc.returncode == 0 else proc.stderr[-3000:]).rstrip()}\n```")
+        check, quoted = bench_step(list(bench), report.left())
+        report.checks.append(check)
+        report.quoted.append(quoted)
         report.write()
     if not not_reached("trainer runs"):
         checks, report.trainer_rows, report.data["rows"], seconds = trainer_table(work, budget=report.left())
