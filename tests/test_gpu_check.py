@@ -1,6 +1,7 @@
 """`make gpu-check` where it can run here: its refusals in one line, its CUDA-suite report, its trainer table
 over a CPU-sized multirun (the GPU's sizes are its own; the next GPU session runs it whole), and a budget's end:
 a step interrupted so that it reports what it did, and what it did not reach named."""
+import ast
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from mea.studies.plan import Rates
-from mea.tools.gpu_check import Report, bench_step, cuda_suite, timed, trainer_table
+from mea.tools.gpu_check import NEEDED, Report, bench_step, cuda_suite, timed, trainer_table
 
 from .conftest import QUICK, ROOT, run_cli
 
@@ -30,6 +31,52 @@ def test_a_bare_image_gets_the_missing_packages_named_in_one_line():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert proc.stderr.startswith("gpu-check: torch, hydra, omegaconf, deepspeed,") and "are not installed for" in proc.stderr
+
+
+def imported_on_load(files: list) -> set[str]:
+    """The top-level names of the packages outside this repository and the standard library that loading these
+    files imports: their module-level imports (in `if`, `try` and `with` too, not under TYPE_CHECKING), and those
+    of the repository's modules they import, transitively."""
+    def module_file(dotted: str):
+        path = ROOT.joinpath(*dotted.split("."))
+        return next((f for f in (path / "__init__.py", path.with_suffix(".py")) if f.is_file()), None)
+
+    def on_load(statements):
+        for node in statements:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield node
+            elif isinstance(node, (ast.If, ast.Try, ast.With)) and not (isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)):
+                yield from on_load(node.body + getattr(node, "orelse", []) + getattr(node, "finalbody", []) + [s for h in getattr(node, "handlers", []) for s in h.body])
+
+    found, read, pending = set(), set(), list(files)
+    while pending:
+        file = pending.pop()
+        if file in read:
+            continue
+        read.add(file)
+        package = file.relative_to(ROOT).parent.parts
+        for node in on_load(ast.parse(file.read_text()).body):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) if node.level else node.module
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            for name in names:
+                parts = name.split(".")
+                local = [f for f in (module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)) if f]  # packages on the way too
+                if local:
+                    pending += local
+                elif parts[0] not in sys.stdlib_module_names and not (ROOT / parts[0]).exists():
+                    found.add(parts[0])
+    return found
+
+
+def test_the_check_asks_for_every_package_its_steps_import():
+    """A node that lacks one (lm-eval, left out of a wheelhouse built with --extras '') is refused in one line
+    before anything runs, rather than the CUDA suite collecting nothing: pytest imports every test file."""
+    assert imported_on_load([ROOT / "tests" / "conftest.py"]) >= {"pytest", "torch"}  # the walk finds what it should
+    steps = [*(ROOT / "tests").glob("test_*.py"), ROOT / "train.py", *(ROOT / "bench").glob("*.py")]
+    assert imported_on_load(steps) - set(NEEDED) == set()
 
 
 def test_the_cuda_suite_report_names_every_cuda_test(tmp_path):

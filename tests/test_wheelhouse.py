@@ -34,6 +34,20 @@ def test_the_node_is_given_what_it_lacks_or_has_too_old_and_never_torch(tmp_path
     assert "lm-eval" not in wanted(closure("mea", (), "3.12"), {}, "mea")  # an extra not asked for
 
 
+def test_what_the_nodes_torch_brings_is_neither_looked_up_here_nor_walked(tmp_path, monkeypatch):
+    """Liger-Kernel and cut-cross-entropy (`--extras liger,cce`) require Triton, which a CPU install lacks and the
+    node's CUDA torch brings: a package installed here with their requirements (its metadata on sys.path) is walked
+    past them, whatever this environment has, to what the node does need."""
+    info = tmp_path / "kernels_probe-1.0.dist-info"
+    info.mkdir()
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: kernels-probe\nVersion: 1.0\nRequires-Dist: torch>=2.1.2\nRequires-Dist: triton>=2.3.1\n"
+                                         "Requires-Dist: nvidia-cublas; platform_system == \"Linux\"\nRequires-Dist: hjson\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    needs = closure("kernels-probe", (), "3.12")
+    assert set(needs) == {"kernels-probe", "hjson"}
+    assert set(wanted(needs, {}, "mea")) == {"kernels-probe", "hjson"}
+
+
 def test_a_python_mea_does_not_run_on_or_a_missing_have_file_is_refused_in_one_line(tmp_path):
     proc = run_cli("-m", "mea.tools.wheelhouse", "--python", "3.9", "--list")
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--python 3.9: mea needs Python >=3.11; give the node's Python, or install one that meets it there")

@@ -37,8 +37,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NEEDED = ("torch", "hydra", "omegaconf", "deepspeed", "datasets", "tokenizers", "wandb", "safetensors", "xxhash", "filelock", "psutil", "scipy", "pytest",
-          "xdist", "pytest_timeout")  # import names of what train.py and the CUDA suite import
+# Import names of what train.py, the benchmarks and the CUDA suite import: pytest imports every test file to collect
+# the CUDA tests, so one module it cannot import (lm_eval, in tests/test_eval.py) would stop the whole suite.
+NEEDED = ("torch", "hydra", "omegaconf", "deepspeed", "datasets", "tokenizers", "wandb", "safetensors", "xxhash", "filelock", "psutil", "scipy", "numpy",
+          "matplotlib", "packaging", "tqdm", "yaml", "lm_eval", "pytest", "xdist", "pytest_timeout")
 VARIANTS = ("mha", "mha_gn", "mea", "diff", "tha")
 ENGINES = ("none", "zero1", "zero2", "zero3")
 BENCHES = (("bench/decode.py", "--device", "cuda"),

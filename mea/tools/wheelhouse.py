@@ -50,7 +50,9 @@ def provided_by_node(name: str) -> bool:
 
 def closure(root: str, extras: tuple[str, ...], python: str) -> dict[str, tuple[Version, list[Requirement]]]:
     """Every package root[extras] needs on the node's Python, transitively: name -> (the version installed here,
-    the requirements on it). Markers are evaluated for the node, each requirement with the extras asked of it."""
+    the requirements on it). Markers are evaluated for the node, each requirement with the extras asked of it.
+    What the node's torch provides is neither looked up here nor walked: a CPU install has no Triton (Liger's and
+    CCE's requirement), and the node's torch brings its own requirements."""
     environment = node_environment(python)
     found: dict[str, tuple[Version, list[Requirement]]] = {}
     walked: set[tuple[str, frozenset[str]]] = set()
@@ -58,6 +60,8 @@ def closure(root: str, extras: tuple[str, ...], python: str) -> dict[str, tuple[
     while pending:
         requirement, wanted_by = pending.pop()
         name = canonicalize_name(requirement.name)
+        if provided_by_node(name):
+            continue
         try:
             distribution = metadata.distribution(name)
         except metadata.PackageNotFoundError:
@@ -88,14 +92,14 @@ def node_has(have_file: Path | None) -> dict[str, Version | None]:
 
 
 def wanted(needs: dict[str, tuple[Version, list[Requirement]]], has: dict[str, Version | None], root: str) -> dict[str, Version]:
-    """What the node must be given: not mea itself (it runs from the checkout), not torch, and not what it has at a
-    version every requirement accepts (a version it does not name is taken to do)."""
+    """What the node must be given: not mea itself (it runs from the checkout), and not what it has at a version
+    every requirement accepts (a version it does not name is taken to do)."""
     def satisfied(name: str) -> bool:
         version = has[name]
         return version is None or all(version in r.specifier for r in needs[name][1])
 
     return {name: version for name, (version, _) in sorted(needs.items())
-            if name != canonicalize_name(root) and not provided_by_node(name) and not (name in has and satisfied(name))}
+            if name != canonicalize_name(root) and not (name in has and satisfied(name))}
 
 
 def fetch(name: str, version: Version, python: str, out: Path) -> Path:
