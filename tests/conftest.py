@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from mea.config import register_configs
+from mea.tools.gpu_check import interruptible
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -69,8 +70,9 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def started(args: list[str], **popen):
-    """A process the test drives; it and its children are killed when the block ends, however the test ends."""
-    proc = subprocess.Popen(args, cwd=ROOT, **popen)
+    """A process the test drives, which SIGINT interrupts however the suite was started (a script's `make test &`
+    ignores it); it and its children are killed when the block ends, however the test ends."""
+    proc = interruptible(args, **popen)
     try:
         yield proc
     finally:

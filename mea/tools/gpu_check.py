@@ -72,7 +72,7 @@ def timed(command: list[str], timeout: float | None, grace: float = GRACE_S) -> 
     then 124, and its stderr ends with the time."""
     timeout = STEP_TIMEOUT_S if timeout is None else timeout
     start = time.perf_counter()
-    with started(command) as proc:
+    with interruptible(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -87,15 +87,16 @@ def timed(command: list[str], timeout: float | None, grace: float = GRACE_S) -> 
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr), time.perf_counter() - start
 
 
-def started(command: list[str]) -> subprocess.Popen:
-    """The step's process, with SIGINT's default even where this one ignores it: a shell's background job does
-    (`make gpu-check &`, nohup under a script), an ignored signal stays ignored across exec, and Python then never
-    raises KeyboardInterrupt, so the step could not say what it did. A handler, unlike SIG_IGN, is reset by exec."""
+def interruptible(command: list[str], **popen) -> subprocess.Popen:
+    """command's process, from the repository's root, with SIGINT's default even where this one ignores it: a
+    shell's background job does (`make gpu-check &`, `make test &` in a script), an ignored signal stays ignored
+    across exec, and Python then never raises KeyboardInterrupt, so a step could not say what it did. A handler,
+    unlike SIG_IGN, is reset by exec."""
     ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(command, cwd=ROOT, **popen)
     finally:
         if ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
