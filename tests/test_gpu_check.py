@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mea.studies.plan import Rates
-from mea.tools.gpu_check import NEEDED, Report, bench_step, cuda_suite, timed, trainer_table
+from mea.tools.gpu_check import BENCHES, NEEDED, Report, bench_step, cuda_suite, timed, trainer_table
 
 from .conftest import QUICK, ROOT, run_cli
 
@@ -77,6 +77,18 @@ def test_the_check_asks_for_every_package_its_steps_import():
     assert imported_on_load([ROOT / "tests" / "conftest.py"]) >= {"pytest", "torch"}  # the walk finds what it should
     steps = [*(ROOT / "tests").glob("test_*.py"), ROOT / "train.py", *(ROOT / "bench").glob("*.py")]
     assert imported_on_load(steps) - set(NEEDED) == set()
+
+
+def test_the_check_times_every_variant_eager_then_compiled_each_in_its_own_step():
+    """Two steps, so that a budget ending among the compilations keeps the eager table; the compiled one holds the
+    five variants (mha always runs), and its rows are ones the bench has: it parses them before it refuses --rounds 1."""
+    from mea.models import REGISTRY
+
+    eager, compiled = [list(b) for b in BENCHES if b[0] == "bench/train_step.py" and "--losses" not in b]
+    assert eager[eager.index("--compile") + 1] == "off" and "--arms" not in eager
+    assert compiled[compiled.index("--compile") + 1] == "on" and {"mha", *compiled[compiled.index("--arms") + 1].split(",")} == set(REGISTRY)
+    proc = run_cli(*[("cpu" if a == "cuda" else a) for a in compiled], "--rounds", "1")
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("--rounds 1: the ratios' quartiles need at least 2 rounds; pass --rounds 2 or more")
 
 
 def test_the_cuda_suite_report_names_every_cuda_test(tmp_path):
