@@ -108,6 +108,7 @@ def test_the_cluster_check_all_reduces_through_nccl(tmp_path):
     assert "PASS all-reduce: 64 MiB across 1 ranks" in report and "exact" in report and "FAIL" not in report
 
 
+@pytest.mark.xdist_group("card")
 def test_out_of_memory_names_the_fix_and_the_same_command_resumes(tmp_path):
     """A step that cannot fit (a micro-batch of 256 windows of 2048 tokens of the 125m model: hundreds of GiB of
     activations) stops with one line naming the micro batch, what it asked for, the card and the fixes; the
@@ -133,6 +134,7 @@ def test_out_of_memory_names_the_fix_and_the_same_command_resumes(tmp_path):
 CARD_80GB_GIB = 78  # what an 80 GB card (79.6 GiB) leaves a run's tensors past the CUDA context and the allocator's slack
 
 
+@pytest.mark.xdist_group("card")  # one after the other: each fills much of the card (the suite's other tests take little)
 def test_tha_fits_the_125m_model_at_t2048_batch16_on_an_80gb_card(tmp_path):
     """Talking-heads mixes every head's T×T map; held whole for backward they took 89.1 GiB at 125m with 32 × 1,024
     tokens a step. Chunked over query blocks and recomputed (mea.models.attention.tha), a step of 16 × 2,048 tokens,
