@@ -101,7 +101,7 @@ class Arm:
         cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], vocab_size=p["vocab"], max_seq_len=p["seq_len"])
         self.model = LM(cfg, attention, cross_entropy)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # as mea.train.optim builds it
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.forward = torch.compile(self.model, fullgraph=True) if compile else self.model  # as the trainer compiles it: a graph break is an error
         self.device, self.dtype, self.batch, self.compiled = device, dtype, p["batch"], compile
         self.peak_gib, self.step_peak_mib = 0.0, None  # the GPU allocator's peak; on a CPU, what one eager step's tensors hold at most
 
