@@ -108,13 +108,16 @@ def test_the_cluster_check_all_reduces_through_nccl(tmp_path):
     assert "PASS all-reduce: 64 MiB across 1 ranks" in report and "exact" in report and "FAIL" not in report
 
 
+AT_125M_T2048 = ("model=125m", "logger.mode=disabled", "data.seq_len=2048", "trainer.eval_batches=1", "trainer.sample_tokens=8", "trainer.dynamics=false",
+                 "trainer.device=cuda", "trainer.compile=false")  # the 125m model at T 2048, eager: the runs that fill much of the card
+
+
 @pytest.mark.xdist_group("card")
 def test_out_of_memory_names_the_fix_and_the_same_command_resumes(tmp_path):
     """A step that cannot fit (a micro-batch of 256 windows of 2048 tokens of the 125m model: hundreds of GiB of
     activations) stops with one line naming the micro batch, what it asked for, the card and the fixes; the
     checkpoint before it stays, and a micro batch that fits resumes from it."""
-    args = ["model=125m", "logger.mode=disabled", "data.seq_len=2048", "trainer.global_batch=256", "trainer.eval_batches=1", "trainer.sample_tokens=8",
-            "trainer.dynamics=false", "trainer.device=cuda", "trainer.compile=false", f"hydra.run.dir={tmp_path}"]
+    args = [*AT_125M_T2048, "trainer.global_batch=256", f"hydra.run.dir={tmp_path}"]
     first = run_cli("train.py", *args, "trainer.micro_batch=8", "trainer.max_steps=1")
     assert first.returncode == 0, first.stderr[-3000:]
     more = [*args, "trainer.max_steps=2", "trainer.amend=[trainer.max_steps]"]
@@ -139,9 +142,8 @@ def test_tha_fits_the_125m_model_at_t2048_batch16_on_an_80gb_card(tmp_path):
     """Talking-heads mixes every head's T×T map; held whole for backward they took 89.1 GiB at 125m with 32 × 1,024
     tokens a step. Chunked over query blocks and recomputed (mea.models.attention.tha), a step of 16 × 2,048 tokens,
     eager in bf16 with the whole batch at once, keeps under what an 80 GB card holds."""
-    args = ["model=125m", "attention=tha", "logger.mode=disabled", "data.seq_len=2048", "trainer.global_batch=16", "trainer.micro_batch=16", "trainer.max_steps=2",
-            "trainer.log_every=1", "trainer.eval_every=2", "trainer.eval_batches=1", "trainer.sample_tokens=8", "trainer.dynamics=false", "trainer.device=cuda",
-            "trainer.precision=bf16", "trainer.compile=false", f"hydra.run.dir={tmp_path}"]
+    args = [*AT_125M_T2048, "attention=tha", "trainer.global_batch=16", "trainer.micro_batch=16", "trainer.max_steps=2", "trainer.log_every=1", "trainer.eval_every=2",
+            "trainer.precision=bf16", f"hydra.run.dir={tmp_path}"]
     proc = run_cli("train.py", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak = max(row["peak_memory_gib"] for row in rows(tmp_path) if "peak_memory_gib" in row)
