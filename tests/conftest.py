@@ -1,7 +1,10 @@
+import importlib
+import io
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import psutil
@@ -54,6 +57,34 @@ QUICK = ("logger.mode=disabled", "data.seq_len=64", "trainer.global_batch=8", "t
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_tool(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A command's main(argv) run in this test process, its exit status and output as run_cli returns them: for a
+    test of what a command prints, writes or refuses, where a process of its own adds only its start-up (torch and
+    its compiler imported: 4 of the 5-7 CPU-seconds a planning, fitting or launching command takes on 2 cores, and
+    the suite is bound by its CPU). Tests of signals, kills, processes and training keep run_cli."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = os.environ.copy()
+    os.environ.update(env or {})
+    try:
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()  # a fresh interpreter's filters, its warnings written to stderr as a process writes them
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                importlib.import_module(module).main(list(args))
+            finally:
+                err.write("".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

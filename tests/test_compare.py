@@ -11,7 +11,7 @@ from mea.config import load_config
 from mea.pretrained import load_pretrained
 from mea.models import LM
 
-from .conftest import QUICK, run_cli
+from .conftest import QUICK, run_cli, run_tool
 
 ARGS = (*QUICK, "trainer.max_steps=20", "trainer.eval_every=10")
 
@@ -57,13 +57,13 @@ def test_compare_report_matches_the_runs(runs, tmp_path):
 def test_compare_warns_on_different_data_and_errors_on_missing_runs(runs, tmp_path, shakespeare):
     other = tmp_path / "other"
     assert run_cli("train.py", *ARGS, "data=tinyshakespeare", f"data.source={shakespeare}", f"hydra.run.dir={other}").returncode == 0
-    proc = run_cli("-m", "mea.tools.compare", str(runs["mha-0"]), str(other), "--out", str(tmp_path / "r"))
+    proc = run_tool("mea.tools.compare", str(runs["mha-0"]), str(other), "--out", str(tmp_path / "r"))
     assert proc.returncode == 0 and "trained on different tokens" in proc.stderr
     assert "Warning" in (tmp_path / "r" / "report.md").read_text()
-    missing = run_cli("-m", "mea.tools.compare", str(tmp_path / "nope"), "--out", str(tmp_path / "r2"))
+    missing = run_tool("mea.tools.compare", str(tmp_path / "nope"), "--out", str(tmp_path / "r2"))
     assert missing.returncode == 2 and "is not a run directory" in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = run_cli("-m", "mea.tools.compare", str(tmp_path / "empty"), "--out", str(tmp_path / "r3"))
+    empty = run_tool("mea.tools.compare", str(tmp_path / "empty"), "--out", str(tmp_path / "r3"))
     assert empty.returncode == 2 and "lacks config.yaml, metrics.jsonl, summary.json" in empty.stderr
 
 

@@ -14,7 +14,7 @@ from mea.models.attention.mea import MEAConfig
 from mea.models.attention.mha import MHAConfig
 from mea.runs import RunError
 
-from .conftest import QUICK, run_cli
+from .conftest import QUICK, run_cli, run_tool
 from .test_attention import DEVICES
 
 
@@ -79,7 +79,7 @@ def test_kv_report_counts_what_the_cache_holds():
     caches = m.new_caches()
     m(X[:1, :10], caches=caches)
     assert sum(c.nbytes for c in caches) == 10 * kv_bytes_per_token(cfg, 4)
-    proc = run_cli("-m", "mea.tools.kv_report", "--model", "25m", "--memory-gib", "16")
+    proc = run_tool("mea.tools.kv_report", "--model", "25m", "--memory-gib", "16")
     assert proc.returncode == 0 and "| mea virtual heads (G = 4) | 8,192 | 0.50 |" in proc.stdout
 
 

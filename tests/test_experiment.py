@@ -17,7 +17,7 @@ from mea.studies.experiment import check, load_protocol
 from mea.studies.protocol import LocalRuns
 from mea.studies.trust import bracket_claim, held_out_table, init_table, own_bests, two_readings, verified_lrs
 
-from .conftest import QUICK, run_cli
+from .conftest import QUICK, run_cli, run_tool
 
 SPEC = """
 name: micro
@@ -57,10 +57,10 @@ def test_bad_spec_settings_fail_before_any_run(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
     spec.write_text(SPEC.format(out=tmp_path, shakespeare="unused.txt"))
     (tmp_path / "damaged.tar.xz").write_bytes(b"not an archive")
-    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--from-archive", str(tmp_path / "damaged.tar.xz"))
+    proc = run_tool("mea.studies.experiment", str(spec), "--from-archive", str(tmp_path / "damaged.tar.xz"))
     assert proc.returncode == 2 and "damaged.tar.xz is not a readable archive (" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.unpacking").exists()
-    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--pack", str(tmp_path / "sitting.tar.xz"))
+    proc = run_tool("mea.studies.experiment", str(spec), "--pack", str(tmp_path / "sitting.tar.xz"))
     assert proc.returncode == 2 and "runs holds no finished run to pack; run `mea-experiment <spec>` first" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "sitting.tar.xz").exists()
     with pytest.raises(SweepError, match="missing.tar.xz does not exist; give the runs.tar.xz beside a published report"):
@@ -374,7 +374,7 @@ def test_the_plan_costs_each_stage_as_a_hand_computation_does_and_skips_finished
     finished = tmp_path / "runs" / "compare-main" / "mea" / "s1"
     finished.mkdir(parents=True)
     (finished / "summary.json").write_text("{}")
-    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--plan", "--mfu", "0.4", "--gpu", "H100")
+    proc = run_tool("mea.studies.experiment", str(spec), "--plan", "--mfu", "0.4", "--gpu", "H100")
     assert proc.returncode == 0, proc.stderr[-2000:]
     flops, longest = 0.0, 0.0
     for arm, extra in (("mha", ["attention=mha"]), ("mea", ["attention=mea"]), ("mha_gqa", ["attention=mha", "model.n_kv_heads=2"])):
@@ -389,10 +389,10 @@ def test_the_plan_costs_each_stage_as_a_hand_computation_does_and_skips_finished
     for extra_args, error in [((), "--plan needs a rate: --throughput runs/gpu-check/<card>-<date>.json (`make gpu-check` on your GPUs), or --mfu 0.35 --gpu H100"),
                               (("--mfu", "0.4"), "--mfu needs the card's peak: give --gpu (H200, H100, A100) or --peak-tflops"),
                               (("--throughput", str(tmp_path / "none.json")), f"--throughput {tmp_path / 'none.json'} does not exist")]:
-        proc = run_cli("-m", "mea.studies.experiment", str(spec), "--plan", *extra_args)
+        proc = run_tool("mea.studies.experiment", str(spec), "--plan", *extra_args)
         assert proc.returncode == 2 and error in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     spec.write_text(SPEC.format(out=tmp_path, shakespeare=tmp_path / "unused.txt") + "resources: {target: {nodes: 1, gpus_per_node: 3, deepspeed: zero2}}\n")
-    proc = run_cli("-m", "mea.studies.experiment", str(spec), "--plan", "--mfu", "0.4", "--gpu", "H100")
+    proc = run_tool("mea.studies.experiment", str(spec), "--plan", "--mfu", "0.4", "--gpu", "H100")
     assert proc.returncode == 2 and "resources.target (1 × 3 GPUs): trainer.global_batch=8 is not a multiple of trainer.micro_batch=2 × world size 3" in proc.stderr, proc.stderr
     for bad, error in [("{targets: {}}", "resources.targets: not a stage; the stages are sweep, stability, target"),
                        ("{target: {gpus_per_node: 4}}", "resources.target: 4 GPUs a run train under DeepSpeed; give deepspeed: zero1, zero2 or zero3")]:

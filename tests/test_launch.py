@@ -12,7 +12,7 @@ from mea.run_directory import RunDirectory
 from mea.train import checkpoint
 from mea.distributed import free_port
 
-from .conftest import QUICK, ROOT, run_cli, started
+from .conftest import QUICK, ROOT, run_cli, run_tool, started
 from .test_trainer import RUN, assert_curves_close, rows
 
 LAUNCH = "launch/launch.py"
@@ -23,14 +23,14 @@ def test_cpu_processes_ask_slurm_for_no_gpus(tmp_path):
     """--gpus-per-node N with DS_ACCELERATOR=cpu (the documented form) and its new name --procs-per-node: N
     processes a node, and no GPU asked of a cluster that may have none."""
     for option in ("--gpus-per-node", "--procs-per-node"):
-        proc = run_cli(LAUNCH, "slurm", "--nodes", "2", option, "2", "--env", "DS_ACCELERATOR=cpu", "--run-dir", str(tmp_path), "--dry-run", "--",
+        proc = run_tool("mea.tools.launch", "slurm", "--nodes", "2", option, "2", "--env", "DS_ACCELERATOR=cpu", "--run-dir", str(tmp_path), "--dry-run", "--",
                        "deepspeed=zero1", "trainer.global_batch=16")
         assert proc.returncode == 0, proc.stderr
         assert "--gpus-per-node" not in proc.stdout and "--nproc_per_node=2" in proc.stdout
 
 
 def test_slurm_script_for_eight_nodes(tmp_path):
-    proc = run_cli(LAUNCH, "slurm", "--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--time", "12:00:00",
+    proc = run_tool("mea.tools.launch", "slurm", "--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--time", "12:00:00",
                    "--qos", "high", "--constraint", "h100", "--job-name", "exp1", "--env", "NCCL_IB_DISABLE=0", "--run-dir", str(tmp_path), "--dry-run", "--",
                    "model=350m", "deepspeed=zero2", "trainer.global_batch=512", "trainer.micro_batch=8")
     assert proc.returncode == 0, proc.stderr
@@ -66,7 +66,7 @@ def test_slurm_script_for_eight_nodes(tmp_path):
 
 
 def test_torchrun_commands_one_per_node(tmp_path):
-    proc = run_cli(LAUNCH, "torchrun", "--nodes", "2", "--gpus-per-node", "4", "--master-addr", "10.0.0.1", "--master-port", "29400",
+    proc = run_tool("mea.tools.launch", "torchrun", "--nodes", "2", "--gpus-per-node", "4", "--master-addr", "10.0.0.1", "--master-port", "29400",
                    "--run-dir", str(tmp_path), "--job-name", "j", "--", "deepspeed=zero1", "trainer.global_batch=16")
     assert proc.returncode == 0, proc.stderr
     script = (tmp_path / "launch" / "torchrun.sh").read_text().splitlines()
@@ -79,7 +79,7 @@ def test_torchrun_commands_one_per_node(tmp_path):
 
 
 def test_deepspeed_launcher_hostfile_and_command(tmp_path):
-    proc = run_cli(LAUNCH, "deepspeed", "--hosts", "gpu-a,gpu-b", "--gpus-per-node", "8", "--run-dir", str(tmp_path), "--dry-run", "--",
+    proc = run_tool("mea.tools.launch", "deepspeed", "--hosts", "gpu-a,gpu-b", "--gpus-per-node", "8", "--run-dir", str(tmp_path), "--dry-run", "--",
                    "deepspeed=zero3", "trainer.global_batch=64")
     assert proc.returncode == 0, proc.stderr
     assert "gpu-a slots=8\ngpu-b slots=8\n" in proc.stdout
@@ -90,19 +90,19 @@ def test_deepspeed_launcher_hostfile_and_command(tmp_path):
 
 
 def test_bad_shapes_missing_tools_and_busy_ports(tmp_path):
-    shape = run_cli(LAUNCH, "slurm", "--nodes", "3", "--gpus-per-node", "8", "--run-dir", str(tmp_path), "--dry-run", "--", "deepspeed=zero2", "trainer.global_batch=64")
+    shape = run_tool("mea.tools.launch", "slurm", "--nodes", "3", "--gpus-per-node", "8", "--run-dir", str(tmp_path), "--dry-run", "--", "deepspeed=zero2", "trainer.global_batch=64")
     assert shape.returncode == 2 and "24 ranks cannot split the batch: trainer.global_batch=64 is not a multiple of trainer.micro_batch=2 × world size 24" in shape.stderr
-    no_ds = run_cli(LAUNCH, "torchrun", "--nodes", "2", "--run-dir", str(tmp_path), "--dry-run", "--", "trainer.global_batch=16")
+    no_ds = run_tool("mea.tools.launch", "torchrun", "--nodes", "2", "--run-dir", str(tmp_path), "--dry-run", "--", "trainer.global_batch=16")
     assert no_ds.returncode == 2 and "add deepspeed=zero1" in no_ds.stderr
     empty_bin = tmp_path / "empty-bin"  # a PATH without sbatch, whatever this machine has installed (Debian's is /usr/bin/sbatch)
     empty_bin.mkdir()
-    no_sbatch = run_cli(LAUNCH, "slurm", "--nodes", "2", "--run-dir", str(tmp_path), "--", "deepspeed=zero2", "trainer.global_batch=16", env={"PATH": str(empty_bin)})
+    no_sbatch = run_tool("mea.tools.launch", "slurm", "--nodes", "2", "--run-dir", str(tmp_path), "--", "deepspeed=zero2", "trainer.global_batch=16", env={"PATH": str(empty_bin)})
     assert no_sbatch.returncode == 2 and "sbatch is not on the PATH" in no_sbatch.stderr and "--dry-run" in no_sbatch.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        taken = run_cli(LAUNCH, "torchrun", "--nodes", "2", "--node-rank", "0", "--master-port", str(port), "--run-dir", str(tmp_path), "--", "deepspeed=zero2", "trainer.global_batch=16")
+        taken = run_tool("mea.tools.launch", "torchrun", "--nodes", "2", "--node-rank", "0", "--master-port", str(port), "--run-dir", str(tmp_path), "--", "deepspeed=zero2", "trainer.global_batch=16")
     assert taken.returncode == 2 and f"port {port} is in use on 127.0.0.1; pass another --master-port" in taken.stderr
     for proc in (shape, no_ds, no_sbatch, taken):
         assert len(proc.stderr.strip().splitlines()) == 1

@@ -29,6 +29,7 @@ MICRO = SPEC.replace("    mha_gqa: [attention=mha, model.n_kv_heads=2]\n", "").r
 
 # 500 s on 2 cores beside the suite's other files, its command's own limit 1200 s: the suite-wide 600 s (meant for a
 # hang) failed it once when another job shared the cores
+@pytest.mark.slow  # `make test-slow`: 197 CPU-s, measured alone (Makefile)
 @pytest.mark.timeout(1200)
 def test_micro_protocol_produces_a_consistent_report(tmp_path, shakespeare):
     spec = tmp_path / "micro.yaml"

@@ -17,7 +17,7 @@ from mea.run_directory import RunDirectory
 from mea.scaling.laws import FitError, fit_loss_law, lr_optimum
 from mea.scaling.sweep import Launcher, at_largest_size, best_by_arm, load_spec, read_results, run_sweep, not_diverged
 
-from .conftest import run_cli, started
+from .conftest import run_cli, run_tool, started
 
 
 def write_csv(path, rows):
@@ -42,7 +42,7 @@ def lr_law_runs(a=3.0, b=-0.3, sizes=(1e6, 3e6, 1e7, 3e7), noise=0.002, seed=0, 
 
 def test_lr_law_recovers_known_constants(tmp_path):
     csv_path = write_csv(tmp_path / "runs.csv", lr_law_runs())
-    proc = run_cli("sweeps/fit.py", "lr-law", str(csv_path), "--out", str(tmp_path / "fit"), "--n-col", "N", "--lr-col", "eta", "--loss-col", "L",
+    proc = run_tool("mea.scaling.fit", "lr-law", str(csv_path), "--out", str(tmp_path / "fit"), "--n-col", "N", "--lr-col", "eta", "--loss-col", "L",
                    "--group-col", "arm", "--d-col", "D", "--target", "3e8", "--target", "25m", "--lr-conf-dir", str(tmp_path / "lr"))
     assert proc.returncode == 0, proc.stderr
     fit = json.loads((tmp_path / "fit" / "fit.json").read_text())
@@ -74,7 +74,7 @@ def test_loss_law_recovers_known_constants():
 
 def test_loss_law_cli_with_mapped_columns(tmp_path):
     rows = [{"params": n, "toks": d, "loss": 2 + 300 / n**0.3 + 300 / d**0.3} for n in (1e6, 1e7, 1e8) for d in (1e8, 1e9, 1e10)]
-    proc = run_cli("sweeps/fit.py", "loss-law", str(write_csv(tmp_path / "r.csv", rows)), "--n-col", "params", "--d-col", "toks", "--loss-col", "loss",
+    proc = run_tool("mea.scaling.fit", "loss-law", str(write_csv(tmp_path / "r.csv", rows)), "--n-col", "params", "--d-col", "toks", "--loss-col", "loss",
                    "--out", str(tmp_path / "o"), "--bootstrap", "5")
     assert proc.returncode == 0, proc.stderr
     fit = json.loads((tmp_path / "o" / "fit.json").read_text())
@@ -95,7 +95,7 @@ def test_fit_report_names_sizes_without_an_optimum(tmp_path):
     for r in rows:
         if r["N"] == 3e7 and r["arm"] == "mha":
             r["diverged"] = True
-    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--lr-col", "eta",
+    proc = run_tool("mea.scaling.fit", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--lr-col", "eta",
                    "--loss-col", "L", "--group-col", "arm", "--lr-conf-dir", str(tmp_path / "lr"))
     assert proc.returncode == 0, proc.stderr
     assert "mha, N=1e+06: the best LR" in proc.stderr and "extend the grid to lower LRs" in proc.stderr
@@ -114,7 +114,7 @@ def test_fit_report_names_sizes_without_an_optimum(tmp_path):
     ],
 )
 def test_bad_csv_input(rows, args, message, tmp_path):
-    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--lr-col", "eta",
+    proc = run_tool("mea.scaling.fit", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--lr-col", "eta",
                    "--loss-col", "L", "--group-col", "none", "--lr-conf-dir", str(tmp_path / "lr"), *args)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o" / "fit.json").exists()
@@ -189,13 +189,13 @@ def test_results_readers_take_each_arms_best_trained_run_at_the_largest_size(tmp
 def test_bad_sweep_spec(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text(MINI.replace("lr_points: 3", "lr_points: 2").replace("OUT", str(tmp_path)))
-    proc = run_cli("sweeps/lr_sweep.py", str(spec))
+    proc = run_tool("mea.scaling.sweep", str(spec))
     assert proc.returncode == 2 and "lr_points >= 3" in proc.stderr
     spec.write_text(MINI.replace("lr_min", "lr_mn").replace("OUT", str(tmp_path)))
-    proc = run_cli("sweeps/lr_sweep.py", str(spec))
+    proc = run_tool("mea.scaling.sweep", str(spec))
     assert proc.returncode == 2 and "lr_mn" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     spec.write_text(MINI.replace("name: w64, tokens: 6144", "name: w64, tokens: 0").replace("OUT", str(tmp_path)))
-    proc = run_cli("sweeps/lr_sweep.py", str(spec))
+    proc = run_tool("mea.scaling.sweep", str(spec))
     assert proc.returncode == 2 and "size w64 has tokens=0; give each size a positive token budget" in proc.stderr
     assert not any(tmp_path.glob("**/summary.json"))
 
@@ -216,7 +216,7 @@ def budget_grid_runs(c=0.5, alpha=-0.35, beta=0.12, sizes=(1e6, 3e6, 1e7, 3e7), 
 
 def test_lr_law_with_several_budgets_per_size_fits_each_cell_and_recovers_both_exponents(tmp_path):
     rows = budget_grid_runs()
-    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D", "--lr-col", "eta",
+    proc = run_tool("mea.scaling.fit", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D", "--lr-col", "eta",
                    "--loss-col", "L", "--group-col", "none", "--target", "1e8", "--target-tokens", "2e9", "--lr-conf-dir", str(tmp_path / "lr"))
     assert proc.returncode == 0, proc.stderr
     g = json.loads((tmp_path / "o" / "fit.json").read_text())["groups"]["all"]
@@ -233,7 +233,7 @@ def test_lr_law_with_several_budgets_per_size_fits_each_cell_and_recovers_both_e
 
 
 def test_several_budgets_without_target_tokens_say_what_is_missing(tmp_path):
-    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", budget_grid_runs())), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D",
+    proc = run_tool("mea.scaling.fit", "lr-law", str(write_csv(tmp_path / "r.csv", budget_grid_runs())), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D",
                    "--lr-col", "eta", "--loss-col", "L", "--group-col", "none", "--target", "1e8", "--lr-conf-dir", str(tmp_path / "lr"))
     assert proc.returncode == 2 and "some sizes were trained at several token budgets, so η* depends on D; give --target-tokens with --target" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
@@ -253,7 +253,7 @@ def test_awkward_cells_get_their_reason_and_the_rest_of_the_fit_goes_on(tmp_path
     seeds = [{**r, "L": r["L"] + 0.004 * s} for s in (0, 1) for r in cell(3e8, [3.3, 3.1, 3.02, 3.0, 3.02, 3.15, 3.4])]
     rows += seeds  # duplicate LRs, two seeds each
     rows += cell(4e8, [12.0, 12.0, 2.2, 2.1, 2.2, 12.0, 12.0])  # near-divergent walls beside a sharp optimum
-    proc = run_cli("sweeps/fit.py", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D", "--lr-col", "eta",
+    proc = run_tool("mea.scaling.fit", "lr-law", str(write_csv(tmp_path / "r.csv", rows)), "--out", str(tmp_path / "o"), "--n-col", "N", "--d-col", "D", "--lr-col", "eta",
                    "--loss-col", "L", "--group-col", "none", "--target-tokens", "1e9", "--target", "1e9", "--lr-conf-dir", str(tmp_path / "lr"))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -21,6 +21,7 @@ from .conftest import QUICK, ROOT, kill_tree, run_cli, started
 from .test_scaling import MINI
 from .test_trainer import RUN, assert_curves_close, curve, rows
 
+pytestmark = pytest.mark.slow  # `make test-slow`: 549 CPU-s of 2 cores' jobs, measured alone (Makefile)
 TOOLS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
 BIN = Path(sys.executable).parent  # the environment's tools, called by their paths: nothing is activated
 BARE_PATH = "/usr/local/bin:/usr/bin:/bin"

@@ -3,11 +3,14 @@ import json
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from mea.data.shards import prepared_path
 from mea.models import REGISTRY
-from mea.train import run
+from mea.config import ConfigError
+from mea.data import DataError
+from mea.train import TrainingError, run
 
 from .conftest import QUICK, compose_config, run_cli
 
@@ -41,34 +44,46 @@ def test_every_variant_learns_real_text(variant, tmp_path, shakespeare):
     assert rows[-1]["val_loss"] < 6.5  # ln(2048) = 7.62 is a uniform guess
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("attention=nope", "Could not find 'attention/nope'"),
-        ("attention.name=nope", "attention.name='nope' is not a known variant; choose one of: diff, mea, mha, mha_gn, tha"),
-        ("model=huge", "Could not find 'model/huge'"),
-        ("model.n_heads=3", "model.n_heads=3 does not divide model.dim=128"),
-        ("model.n_kv_heads=5", "model.n_kv_heads=5 exceeds model.n_heads=4; allowed: [1, 2, 3, 4] or null"),  # mea: HLC takes any G
-        ("attention=diff attention.pair_heads=true model.n_kv_heads=1", "attention.pair_heads=true needs even model.n_heads and model.n_kv_heads"),
-        ("attention.hlc_init=zeros", "attention.hlc_init='zeros' is not allowed; choose one of: identity, identity_noise, random"),
-        ("scheduler.name=linear", "scheduler.name='linear' is not allowed; choose one of: cosine, wsd, constant"),
-        ("trainer.global_batch=10", "trainer.global_batch=10 is not a multiple of trainer.micro_batch=4"),
-        ("data.vocab_size=200", "data.vocab_size=200 cannot hold the 256 byte tokens"),
-        pytest.param("deepspeed=zero2 trainer.device=cuda", "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")),
-        ("model.init.scheme=xavier", "model.init.scheme='xavier' is not a known scheme; choose one of: gpt2, llama, scaled_embed"),
-        ("model.init.embed_std=-1", "model.init.embed_std=-1.0 must be positive (or null for the scheme's value)"),
-    ],
-)
+# Each refused in one line naming the fix, before any data is prepared or any step taken
+BAD_SETTINGS = [
+    ("attention=nope", "Could not find 'attention/nope'"),
+    ("attention.name=nope", "attention.name='nope' is not a known variant; choose one of: diff, mea, mha, mha_gn, tha"),
+    ("model=huge", "Could not find 'model/huge'"),
+    ("model.n_heads=3", "model.n_heads=3 does not divide model.dim=128"),
+    ("model.n_kv_heads=5", "model.n_kv_heads=5 exceeds model.n_heads=4; allowed: [1, 2, 3, 4] or null"),  # mea: HLC takes any G
+    ("attention=diff attention.pair_heads=true model.n_kv_heads=1", "attention.pair_heads=true needs even model.n_heads and model.n_kv_heads"),
+    ("attention.hlc_init=zeros", "attention.hlc_init='zeros' is not allowed; choose one of: identity, identity_noise, random"),
+    ("scheduler.name=linear", "scheduler.name='linear' is not allowed; choose one of: cosine, wsd, constant"),
+    ("trainer.global_batch=10", "trainer.global_batch=10 is not a multiple of trainer.micro_batch=4"),
+    ("data.vocab_size=200", "data.vocab_size=200 cannot hold the 256 byte tokens"),
+    pytest.param("deepspeed=zero2 trainer.device=cuda", "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")),
+    ("model.init.scheme=xavier", "model.init.scheme='xavier' is not a known scheme; choose one of: gpt2, llama, scaled_embed"),
+    ("model.init.embed_std=-1", "model.init.embed_std=-1.0 must be positive (or null for the scheme's value)"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_SETTINGS)
 def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp_path):
+    """Each checked in this process, as an error train.py prints in one line (exit 2) or Hydra's own for an unknown
+    option; the next test runs the command on one of each."""
     run_dir = tmp_path / "run"
     extra = ["trainer.micro_batch=4"] if "global_batch" in override else []
-    proc = run_cli("train.py", *override.split(), *extra, f"hydra.run.dir={run_dir}", "logger.mode=disabled")
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr
+    with pytest.raises((ConfigError, DataError, TrainingError, MissingConfigException)) as refused:
+        run(compose_config(run_dir, *override.split(), *extra, "logger.mode=disabled"))
+    assert message in str(refused.value)
     if not message.startswith("Could not find"):  # Hydra's own message for an unknown option lists the options
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "\n" not in str(refused.value)
     assert not (run_dir / "metrics.jsonl").exists() and not any(tmp_path.glob("**/manifest.json"))
+
+
+@pytest.mark.parametrize("override, message", [BAD_SETTINGS[1], BAD_SETTINGS[0]])  # ours, Hydra's
+def test_the_command_prints_a_bad_setting_and_exits(override, message, tmp_path):
+    proc = run_cli("train.py", override, f"hydra.run.dir={tmp_path / 'run'}", "logger.mode=disabled")
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    if not message.startswith("Could not find"):
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_compile_auto_is_off_on_a_cpu(tmp_path):

@@ -332,9 +332,9 @@ def report_smoke(run_dir: Path, code: int) -> int:
     return 0 if code == 0 and "FAIL" not in text else 1
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        sys.exit(launch(sys.argv[1:]))
+        sys.exit(launch(sys.argv[1:] if argv is None else argv))
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
