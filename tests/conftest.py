@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import chdir, contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import psutil
@@ -68,7 +68,7 @@ def run_tool(module: str, *args: str, env: dict | None = None) -> subprocess.Com
     saved = os.environ.copy()
     os.environ.update(env or {})
     try:
-        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+        with chdir(ROOT), redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
             warnings.resetwarnings()  # a fresh interpreter's filters, its warnings written to stderr as a process writes them
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", category)
