@@ -112,8 +112,9 @@ def started(args: list[str], **popen):
 
 # The files start longest first (the Makefile keeps this order with --no-loadscope-reorder; xdist's own puts the
 # files with most tests first, which left the longest to start last and run on alone at the end), the small ones
-# after them filling the gaps. Every file is listed, by its worker-seconds in a whole `make test` on 2 cores
-# (2026-12-06): test_train.py (58-76 s), left off the list, had started last and filled the run's last minute alone.
+# after them filling the gaps. Every file is listed, by its worker-seconds in one run of the whole suite on 2 cores
+# (2026-12-06; `make test` and `make test-slow` each keep this order): test_train.py (58-76 s), left off the list,
+# had started last and filled the run's last minute alone.
 LONGEST_FIRST = ("test_slurm.py", "test_trainer.py", "test_faults.py", "test_protocol_micro.py", "test_scaling.py", "test_experiment.py", "test_launch.py",
                  "test_compare.py", "test_train.py", "test_data.py", "test_gpu_check.py", "test_eval.py", "test_attention.py", "test_distributed.py",
                  "test_compress.py", "test_loss.py", "test_dynamics.py", "test_wheelhouse.py", "test_bench.py", "test_effects.py", "test_cpu_heap.py",
