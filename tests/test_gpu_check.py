@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mea.studies.plan import Rates
-from mea.tools.gpu_check import BENCHES, NEEDED, Report, bench_step, cuda_suite, timed, trainer_table
+from mea.tools.gpu_check import BENCHES, NEEDED, Report, bench_step, cuda_suite, last_line, timed, trainer_table
 
 from .conftest import QUICK, ROOT, run_cli
 
@@ -154,6 +154,14 @@ def test_a_bench_stopped_by_the_budget_is_a_skip_quoted_with_what_it_printed():
     check, quoted = bench_step(["-c", bench], budget=3)
     assert check == (f"-c {bench}", "skip", "stopped after 3 s")
     assert quoted.endswith("```\nmha 1.000\nstopped by SIGINT: median of the 1 of 9 rounds that ended\nround 1 of 9 done\nstopped after 3 s\n```")
+
+
+def test_a_step_stopped_mid_line_ends_on_the_words_of_its_stop():
+    """pytest stopped after its progress dots and before their newline: the CUDA suite's cell had read
+    "ssss [100%]stopped after 2 s" (a `make test`, 2026-12-07)."""
+    printing = "import sys, time\nsys.stdout.write('ssss [100%]')\nsys.stdout.flush()\ntime.sleep(60)"
+    proc, _ = timed([sys.executable, "-c", printing], timeout=2, grace=5)
+    assert proc.returncode == 124 and proc.stdout == "ssss [100%]" and last_line(proc) == "stopped after 2 s"
 
 
 def test_a_cuda_suite_stopped_by_the_budget_is_a_skip_that_says_what_did_not_run(tmp_path):

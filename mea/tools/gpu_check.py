@@ -115,6 +115,13 @@ def last_said(proc: subprocess.CompletedProcess) -> str:
     return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:160]
 
 
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    """The last line a step printed, its stdout's then its stderr's: a step stopped mid-line (pytest's progress dots)
+    leaves its stdout without the newline, and the stop's own words are a line of their own."""
+    printed = f"{proc.stdout.rstrip()}\n{proc.stderr}".strip()
+    return printed.splitlines()[-1] if printed else f"exit {proc.returncode}"
+
+
 def bench_step(command: list[str], budget: float | None = None) -> tuple[tuple[str, str, str], str]:
     """A benchmark's check, and what it printed quoted: its tables; where it did not pass, what it printed before it
     stopped (a training-step bench stopped at the budget's end prints the rounds that had ended) and its error."""
@@ -137,7 +144,7 @@ def cuda_suite(folder: Path, budget: float | None = None) -> tuple[list[tuple[st
         verdict = {None: "pass", "failure": "fail", "error": "fail", "skipped": "skip"}[outcome.tag if outcome is not None else None]
         detail = (outcome.get("message") or "").splitlines()[0][:160] if outcome is not None and outcome.get("message") else ""
         checks.append((f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}", verdict, detail))
-    said = (proc.stdout + proc.stderr).strip().splitlines()[-1] if (proc.stdout + proc.stderr).strip() else f"exit {proc.returncode}"
+    said = last_line(proc)
     if proc.returncode == 124:
         checks.append(("CUDA suite", step_result(proc, budget), f"{said}: the tests not listed above did not run"))
     elif not report.is_file():
