@@ -28,6 +28,13 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
+def at_the_root():
+    """Every test from the repository's root, as the README's commands run, wherever pytest was started (`cd tests;
+    pytest`): specs and configs name their files from there (`previous_report: docs/results/…`)."""
+    os.chdir(ROOT)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
     """One prepared-data cache for the whole run, shared by its test processes (two preparing one corpus at once is
     safe: the first to finish publishes it), inherited by subprocesses through MEA_CACHE."""
