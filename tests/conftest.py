@@ -36,8 +36,8 @@ def at_the_root():
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
-    """One prepared-data cache for the whole run, shared by its test processes (two preparing one corpus at once is
-    safe: the first to finish publishes it), inherited by subprocesses through MEA_CACHE."""
+    """One prepared-data cache for the whole run, shared by its test processes (one of them prepares a corpus, the
+    others asking for it meanwhile wait for it), inherited by subprocesses through MEA_CACHE."""
     base = tmp_path_factory.getbasetemp()
     path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "mea-cache"
     path.mkdir(exist_ok=True)

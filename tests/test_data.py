@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from mea.config import DataConfig
 from mea.data import Batches, DataError, TokenWindows, prepare
+from mea.data.shards import corpus_path, preparing_lock
 from mea.data.sources import stdlib_files
 
-from .conftest import ROOT, run_cli, started
+from .conftest import ROOT, compose_config, run_cli, started
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +254,8 @@ def write_big_vocab_tokenizer(tmp_path: Path) -> Path:
 
 
 def test_killed_prepare_leaves_nothing_that_looks_complete(shakespeare, tmp_path):
+    """Killed half-way, a prepare leaves its temporary folder and no corpus; the next prepare is not held up by it
+    (its lock went with its process), clears that folder and publishes the corpus."""
     env = {**os.environ, "MEA_CACHE": str(tmp_path)}
     args = [sys.executable, "data/prepare.py", "data=tinyshakespeare", f"data.source={shakespeare}", "data.vocab_size=8000"]
     with started(args, env=env, stdout=subprocess.PIPE, text=True) as proc:
@@ -260,5 +264,26 @@ def test_killed_prepare_leaves_nothing_that_looks_complete(shakespeare, tmp_path
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not list(tmp_path.glob("data/*/manifest.json")) and not list(tmp_path.glob("data/tinyshakespeare-*"))
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert list(tmp_path.glob("data/.tinyshakespeare-*.tmp*"))  # what the killed prepare had built so far
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and len({m.resolve() for m in tmp_path.glob("data/tinyshakespeare-*/manifest.json")}) == 1
+    assert not list(tmp_path.glob("data/.*.tmp*")), list(tmp_path.glob("data/.*"))
+
+
+def test_a_corpus_asked_for_while_it_is_prepared_is_tokenised_once(shakespeare, tmp_path, monkeypatch):
+    """Two processes asking for a corpus while another prepares it (a local sweep's runs, started together) wait for
+    it, each saying so; once it is free, one of them builds the corpus and the other reads what that one built."""
+    monkeypatch.setenv("MEA_CACHE", str(tmp_path))
+    overrides = ["data=tinyshakespeare", f"data.source={shakespeare}"]
+    final = corpus_path(OmegaConf.to_object(compose_config(tmp_path / "run", *overrides).data))
+    final.parent.mkdir(parents=True)
+    args = [sys.executable, "data/prepare.py", *overrides]
+    lock = preparing_lock(final)
+    with lock, started(args, stdout=subprocess.PIPE, text=True) as first, started(args, stdout=subprocess.PIPE, text=True) as second:
+        for proc in (first, second):
+            assert proc.stdout.readline() == f"waiting for another process preparing {final.name} in {final.parent}\n"
+        lock.release()
+        outputs = [proc.communicate(timeout=120)[0] for proc in (first, second)]
+    assert [proc.returncode for proc in (first, second)] == [0, 0]
+    assert sum("training a byte-level BPE" in out for out in outputs) == 1, outputs
+    assert {json.loads(out.splitlines()[-1])["path"] for out in outputs} == {str(final)}

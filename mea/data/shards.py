@@ -3,7 +3,8 @@
 A prepared corpus is a folder under the cache, named by a hash of everything that decides its tokens, holding
 `tokenizer.json`, `{train,val}-NNNNN.bin` and `manifest.json`. It is built in a temporary folder and renamed
 into place only when complete, so a prepare killed half-way leaves nothing that looks valid, and preparing
-the same config again does no work.
+the same config again does no work. One process builds a corpus at a time (a lock beside it in the cache): the
+others asking for it meanwhile wait, then read it.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from tokenizers import Tokenizer
 
 from mea.config import DataConfig
@@ -198,30 +201,53 @@ def corpus_path(cfg: DataConfig, docs: Documents | None = None) -> Path:
 
 def prepare(cfg: DataConfig, log=print) -> PreparedCorpus:
     """The prepared corpus for this data config: from the cache if it is there, else built now."""
-    cache = Path(os.path.expanduser(cfg.cache_dir))
-    docs = load_documents(cfg, str(cache / "hf"))
+    docs = load_documents(cfg, str(Path(os.path.expanduser(cfg.cache_dir)) / "hf"))
     final = corpus_path(cfg, docs)
     manifest_file = final / "manifest.json"
-    if manifest_file.is_file():
-        link_as_its_tokenizers(cfg, docs, final)
-        return PreparedCorpus(final, json.loads(manifest_file.read_text()))
-    tmp = cache / f".{final.name}.tmp-{os.getpid()}"
+    if not manifest_file.is_file():
+        with sole_preparer(final, log):
+            if not manifest_file.is_file():  # else built by the process this one waited for
+                publish(cfg, docs, final, log)
+    link_as_its_tokenizers(cfg, docs, final)
+    return PreparedCorpus(final, json.loads(manifest_file.read_text()))
+
+
+def preparing_lock(final: Path) -> FileLock:
+    return FileLock(str(final.with_name(f".{final.name}.lock")))
+
+
+@contextmanager
+def sole_preparer(final: Path, log):
+    """Held while this process builds the corpus `final`. Another asking for it meanwhile (a local sweep's runs start
+    together, each preparing its data) waits instead of tokenising it beside this one, and then reads it. The lock
+    goes with its process: a preparer killed half-way holds up no one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = preparing_lock(final)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another process preparing {final.name} in {final.parent}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def publish(cfg: DataConfig, docs: Documents, final: Path, log) -> None:
+    """Build the corpus in a temporary folder beside `final` and rename it into place once complete (under
+    sole_preparer: what a killed preparer left in the temporary folder is cleared first)."""
+    tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         manifest = build(cfg, docs, tmp, log)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same corpus first; theirs is as good as ours
-            if not manifest_file.is_file():
-                raise
+        os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if docs.skipped_bad_utf8:
-        log(f"skipped {len(docs.skipped_bad_utf8)} files that are not UTF-8 (listed in {manifest_file})")
-    link_as_its_tokenizers(cfg, docs, final)
-    return PreparedCorpus(final, json.loads(manifest_file.read_text()))
+        log(f"skipped {len(docs.skipped_bad_utf8)} files that are not UTF-8 (listed in {final / 'manifest.json'})")
 
 
 def link_as_its_tokenizers(cfg: DataConfig, docs: Documents, corpus: Path) -> None:
