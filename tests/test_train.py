@@ -64,10 +64,11 @@ BAD_SETTINGS = [
 
 
 @pytest.mark.parametrize("override, message", BAD_SETTINGS)
-def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp_path):
+def test_bad_settings_fail_in_one_line_before_any_compute(override, message, tmp_path, monkeypatch):
     """Each checked in this process, as an error train.py prints in one line (exit 2: the command itself is
     tests/test_trainer.py's test_a_bad_setting_exits_in_one_line_before_compute) or Hydra's own for an unknown
     option (the test below)."""
+    monkeypatch.setenv("MEA_CACHE", str(tmp_path / "cache"))  # an empty cache of its own: a corpus prepared would show in it
     run_dir = tmp_path / "run"
     extra = ["trainer.micro_batch=4"] if "global_batch" in override else []
     with pytest.raises((ConfigError, DataError, TrainingError, MissingConfigException)) as refused:
